@@ -1,0 +1,151 @@
+//! The server: binds nothing itself (it takes a bound listener, so tests use port 0), serves
+//! HTTP/1.1 and h2c, tracks every task it spawns, and shuts down by draining: stop accepting,
+//! let requests and fills finish for the grace period, then cancel what is left.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::Store;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::upstream::Upstreams;
+
+/// After the grace period, how long cancelled fills get to clean up their temp files.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store at {root}: {source}")]
+    Store { root: String, source: io::Error },
+    #[error("cannot build the upstream client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+pub struct Server {
+    state: Arc<AppState>,
+    clock: Clock,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Server {
+    /// Opens the store (emptying its temp folder) and builds the upstream clients. Contacts no
+    /// upstream: entrepot starts and serves its cache when every upstream is unreachable.
+    pub fn new(config: Config) -> Result<Server, StartError> {
+        let clock = Clock::default();
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let store = Store::open(
+            &config.storage.root,
+            clock.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        )
+        .map_err(|source| StartError::Store {
+            root: config.storage.root.display().to_string(),
+            source,
+        })?;
+        let upstreams = Upstreams::new(&config.upstreams, clock.clone())?;
+        Ok(Server {
+            state: Arc::new(AppState {
+                config,
+                store: Arc::new(store),
+                upstreams,
+            }),
+            clock,
+            tracker,
+            cancel,
+        })
+    }
+
+    /// The clock tag freshness and token expiry use; tests advance it.
+    pub fn clock(&self) -> Clock {
+        self.clock.clone()
+    }
+
+    pub fn store(&self) -> Arc<Store> {
+        self.state.store.clone()
+    }
+
+    /// Serves `listener` until `shutdown` resolves, then drains.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, remote)) => {
+                        let _ = stream.set_nodelay(true);
+                        let state = self.state.clone();
+                        let svc = service_fn(move |req| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(http::handle(state, req, remote).await) }
+                        });
+                        let conn = builder
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .into_owned();
+                        let conn = graceful.watch(conn);
+                        self.tracker.spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(remote = %remote, error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        let grace = self.state.config.server.shutdown_grace;
+        let store = self.state.store.clone();
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            fills = store.fills_in_progress(),
+            "shutting down: no new connections; draining requests and fills"
+        );
+        self.tracker.close();
+        let drained = tokio::time::timeout(grace, async {
+            graceful.shutdown().await;
+            self.tracker.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                fills = store.fills_in_progress(),
+                tasks = self.tracker.len(),
+                "grace period over: cancelling fills still running (their temp files are removed)"
+            );
+            self.cancel.cancel();
+            if tokio::time::timeout(CANCEL_WAIT, self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(tasks = self.tracker.len(), "tasks still running at exit");
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! The blob fill: one detached task per digest that owns the upstream stream, writes a temp
+//! file, hashes as it goes, publishes bytes written on a `watch`, verifies at the end and
+//! commits atomically. Clients never own it: they follow it (see `read::follow`).
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures_util::{FutureExt, StreamExt};
+use http::{header, HeaderMap, HeaderValue, Method};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::temp::TempFile;
+use super::Store;
+use crate::oci::{Digest, Hasher, RepoName};
+use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
+
+/// Upstream bytes are gathered into batches of at most this much before one write + hash on
+/// the blocking pool. A batch is cut short whenever the upstream has nothing more ready, so a
+/// slow upstream still reaches followers promptly.
+const BATCH: usize = 512 * 1024;
+
+/// Where a fill gets its bytes.
+#[derive(Clone)]
+pub struct FillSource {
+    pub upstream: Arc<Upstream>,
+    pub repo: RepoName,
+}
+
+/// What followers see of a fill.
+#[derive(Clone)]
+pub enum Progress {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Bytes `0..written` are in `file`; `total` is the upstream's Content-Length.
+    Streaming {
+        file: Arc<File>,
+        total: Option<u64>,
+        written: u64,
+    },
+    /// All `size` bytes are in `file` and verified against the digest.
+    Done { file: Arc<File>, size: u64 },
+    /// The fill failed; nothing was stored.
+    Failed(FillError),
+}
+
+/// Why a fill failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FillError {
+    /// The upstream failed, or sent bytes that are short or do not match the digest.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// Our store could not take the blob (disk full, read-only). Clients are served straight
+    /// from the upstream instead.
+    #[error("store unavailable: {0}")]
+    Storage(Arc<str>),
+    /// The server shut down before the fill completed.
+    #[error("fill cancelled by shutdown")]
+    Cancelled,
+}
+
+pub struct Fill {
+    pub digest: Digest,
+    source: FillSource,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Fill {
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    pub fn source(&self) -> &FillSource {
+        &self.source
+    }
+
+    /// Waits until the upstream has answered (or the fill failed) and returns that state.
+    pub async fn started(&self) -> Progress {
+        let mut rx = self.subscribe();
+        let state = rx
+            .wait_for(|p| !matches!(p, Progress::Connecting))
+            .await
+            .map(|p| p.clone());
+        state.unwrap_or(Progress::Failed(FillError::Cancelled))
+    }
+
+    /// Waits for the end of the fill: `Done` or `Failed`.
+    pub async fn finished(&self) -> Progress {
+        let mut rx = self.subscribe();
+        let state = rx
+            .wait_for(|p| matches!(p, Progress::Done { .. } | Progress::Failed(_)))
+            .await
+            .map(|p| p.clone());
+        state.unwrap_or(Progress::Failed(FillError::Cancelled))
+    }
+}
+
+/// Creates the fill and its (not yet spawned) task.
+pub(super) fn new_fill(digest: Digest, source: FillSource) -> (Arc<Fill>, watch::Sender<Progress>) {
+    let (tx, rx) = watch::channel(Progress::Connecting);
+    let fill = Arc::new(Fill {
+        digest,
+        source,
+        progress: rx,
+    });
+    (fill, tx)
+}
+
+/// The fill task. Runs to completion unless `cancel` fires (shutdown); whatever happens, the
+/// fill leaves the in-progress map and its followers get a final state.
+pub(super) async fn run(
+    store: Arc<Store>,
+    fill: Arc<Fill>,
+    tx: watch::Sender<Progress>,
+    cancel: CancellationToken,
+) {
+    let started = tokio::time::Instant::now();
+    let result = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(FillError::Cancelled),
+        r = fill_blob(&store, &fill, &tx) => r,
+    };
+    // The temp file (owned by `fill_blob`) is gone by now on every error path.
+    store.forget_fill(&fill.digest);
+    match result {
+        Ok(size) => {
+            tracing::info!(digest = %fill.digest, upstream = %fill.source.upstream.name(), repository = %fill.source.repo, bytes = size, duration_ms = started.elapsed().as_millis() as u64, "blob cached");
+        }
+        Err(e) => {
+            tracing::warn!(digest = %fill.digest, upstream = %fill.source.upstream.name(), repository = %fill.source.repo, error = %e, "blob fill failed; nothing stored");
+            tx.send_replace(Progress::Failed(e));
+        }
+    }
+}
+
+fn storage_error(e: io::Error) -> FillError {
+    FillError::Storage(e.to_string().into())
+}
+
+/// Fetch, write, hash, verify, commit. Returns the blob's size.
+async fn fill_blob(
+    store: &Store,
+    fill: &Fill,
+    tx: &watch::Sender<Progress>,
+) -> Result<u64, FillError> {
+    let digest = &fill.digest;
+    let up = &fill.source.upstream;
+    // The temp file comes first: if the store cannot take the blob, no upstream request is
+    // made here and clients fetch it themselves.
+    let temp = TempFile::create(store.tmp_dir(), digest.hex())
+        .await
+        .map_err(storage_error)?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let resp = up
+        .send(&UpstreamRequest {
+            method: Method::GET,
+            repo: &fill.source.repo,
+            path: format!("blobs/{digest}"),
+            query: None,
+            headers,
+            streaming: true,
+        })
+        .await?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(up
+            .error(UpstreamErrorKind::Status(resp.status().as_u16()))
+            .into());
+    }
+    let total = resp.content_length();
+    let file = temp.file().clone();
+    tx.send_replace(Progress::Streaming {
+        file: file.clone(),
+        total,
+        written: 0,
+    });
+
+    let mut stream = resp.bytes_stream();
+    let mut hasher = Some(Hasher::new(digest.algorithm()));
+    let mut written: u64 = 0;
+    let mut eof = false;
+    while !eof {
+        let mut buf = BytesMut::new();
+        match stream.next().await {
+            None => break,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "upstream body error");
+                return Err(up.error(UpstreamErrorKind::Truncated).into());
+            }
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+        }
+        while buf.len() < BATCH {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+                Some(Some(Err(_))) => return Err(up.error(UpstreamErrorKind::Truncated).into()),
+                Some(None) => {
+                    eof = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let n = buf.len() as u64;
+        if total.is_some_and(|t| written + n > t) {
+            return Err(up
+                .error(UpstreamErrorKind::Protocol(
+                    "blob longer than its Content-Length",
+                ))
+                .into());
+        }
+        let mut h = hasher.take().expect("hasher is put back after every batch");
+        let f = file.clone();
+        let (h, res) = tokio::task::spawn_blocking(move || {
+            h.update(&buf);
+            let res = io::Write::write_all(&mut &*f, &buf);
+            (h, res)
+        })
+        .await
+        .map_err(|e| storage_error(io::Error::other(e)))?;
+        res.map_err(storage_error)?;
+        hasher = Some(h);
+        written += n;
+        tx.send_modify(|p| {
+            if let Progress::Streaming { written: w, .. } = p {
+                *w = written;
+            }
+        });
+    }
+    if total.is_some_and(|t| t != written) {
+        return Err(up.error(UpstreamErrorKind::Truncated).into());
+    }
+    let actual = hasher.take().expect("hasher present").finish();
+    if &actual != digest {
+        return Err(up.error(UpstreamErrorKind::DigestMismatch).into());
+    }
+    // Verified: followers may finish now, while the data is made durable.
+    tx.send_replace(Progress::Done {
+        file,
+        size: written,
+    });
+    if let Err(e) = temp.commit(store.blob_path(digest)).await {
+        // Every follower already has its verified bytes; only the cached copy is lost.
+        tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
+    }
+    Ok(written)
+}

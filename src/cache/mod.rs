@@ -1,0 +1,176 @@
+//! The local, content-addressed cache: blob lookup (hit, fill in progress, miss), the fills,
+//! stored manifests and the tag index.
+//!
+//! ```text
+//! <root>/blobs/<alg>/<hex>                    verified content (layers, configs, manifests)
+//! <root>/meta/manifests/<alg>/<hex>           a stored manifest's media type
+//! <root>/meta/tags/<upstream>/<repo>/_tags/<tag>   tag → digest, media type, size, fetched-at
+//! <root>/tmp/                                 fills in progress; emptied at start-up
+//! ```
+
+pub mod fill;
+pub mod manifests;
+pub mod read;
+pub mod tags;
+mod temp;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::oci::Digest;
+pub use fill::{Fill, FillError, FillSource, Progress};
+pub use manifests::StoredManifest;
+pub use tags::{TagEntry, TagIndex};
+
+/// What the store has for a blob digest.
+pub enum BlobState {
+    /// Complete and verified on disk.
+    Hit { file: Arc<File>, size: u64 },
+    /// Being filled; `joined` says whether this request found it running (`false`: it started
+    /// it).
+    Fill { fill: Arc<Fill>, joined: bool },
+    /// Not here and no fill was asked for.
+    Miss,
+}
+
+pub struct Store {
+    root: PathBuf,
+    tmp: PathBuf,
+    fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    manifest_cache: moka::sync::Cache<Digest, Arc<StoredManifest>>,
+    pub tags: TagIndex,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root` and empties its temp folder: whatever is
+    /// there was left by a process that stopped mid-fill and is unverified.
+    pub fn open(
+        root: &Path,
+        clock: Clock,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> io::Result<Store> {
+        let tmp = root.join("tmp");
+        for dir in [
+            "blobs/sha256",
+            "blobs/sha512",
+            "meta/manifests",
+            "meta/tags",
+        ] {
+            std::fs::create_dir_all(root.join(dir))?;
+        }
+        match std::fs::remove_dir_all(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(&tmp)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            tags: TagIndex::new(root.join("meta/tags"), tmp.clone(), clock),
+            tmp,
+            fills: Mutex::new(HashMap::new()),
+            tracker,
+            cancel,
+            manifest_cache: moka::sync::Cache::builder()
+                .weigher(|_, m: &Arc<StoredManifest>| m.body.len().try_into().unwrap_or(u32::MAX))
+                .max_capacity(64 << 20)
+                .build(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
+    }
+
+    fn fill_in_progress(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        self.fills.lock().unwrap().get(digest).cloned()
+    }
+
+    pub(crate) fn forget_fill(&self, digest: &Digest) {
+        self.fills.lock().unwrap().remove(digest);
+    }
+
+    /// Looks a blob up. With a `source`, a miss starts a fill (or joins one that another request
+    /// started a moment before); without one, a miss is reported as such.
+    pub async fn blob(
+        self: &Arc<Self>,
+        digest: &Digest,
+        source: Option<FillSource>,
+    ) -> io::Result<BlobState> {
+        let path = self.blob_path(digest);
+        loop {
+            if let Some(fill) = self.fill_in_progress(digest) {
+                return Ok(BlobState::Fill { fill, joined: true });
+            }
+            match tokio::fs::File::open(&path).await {
+                Ok(f) => {
+                    let size = f.metadata().await?.len();
+                    return Ok(BlobState::Hit {
+                        file: Arc::new(f.into_std().await),
+                        size,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let Some(source) = source.clone() else {
+                return Ok(match self.fill_in_progress(digest) {
+                    Some(fill) => BlobState::Fill { fill, joined: true },
+                    None => BlobState::Miss,
+                });
+            };
+            let mut fills = self.fills.lock().unwrap();
+            if let Some(fill) = fills.get(digest) {
+                return Ok(BlobState::Fill {
+                    fill: fill.clone(),
+                    joined: true,
+                });
+            }
+            // A fill stays in the map until after its rename, so a blob that is neither in the
+            // map nor on disk here is truly missing. Checked under the lock (a cheap stat, only
+            // on misses) so two requests cannot both start a fill.
+            if path.exists() {
+                continue;
+            }
+            let (fill, tx) = fill::new_fill(digest.clone(), source);
+            fills.insert(digest.clone(), fill.clone());
+            drop(fills);
+            self.tracker.spawn(fill::run(
+                self.clone(),
+                fill.clone(),
+                tx,
+                self.cancel.child_token(),
+            ));
+            return Ok(BlobState::Fill {
+                fill,
+                joined: false,
+            });
+        }
+    }
+
+    /// Number of fills running now.
+    pub fn fills_in_progress(&self) -> usize {
+        self.fills.lock().unwrap().len()
+    }
+}

@@ -1,0 +1,258 @@
+//! `GET|HEAD /v2/<name>/blobs/<digest>`: serve from the store, follow a fill, or start one.
+//! HEAD never starts a fill: on a miss it asks the upstream with HEAD.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+
+use super::access_log::Outcome;
+use super::body::{self, Body, BoxError};
+use super::{with_outcome, AppState, Ctx};
+use crate::cache::{read, BlobState, FillError, FillSource, Progress};
+use crate::error::ApiError;
+use crate::oci::range::{RangeSpec, Resolved};
+use crate::oci::{Digest, Hasher};
+use crate::upstream::UpstreamRequest;
+
+pub async fn serve(
+    state: &AppState,
+    ctx: &Ctx,
+    digest: Digest,
+) -> Result<Response<Body>, ApiError> {
+    let range = ctx
+        .headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(RangeSpec::parse);
+    let source = (!ctx.head).then(|| FillSource {
+        upstream: ctx.upstream.clone(),
+        repo: ctx.repo.clone(),
+    });
+    let found = state
+        .store
+        .blob(&digest, source)
+        .await
+        .map_err(ApiError::internal)?;
+    match found {
+        BlobState::Hit { file, size } => {
+            let r = respond(&digest, size, range, ctx.head, |start, end| {
+                body::stream(read::file_range(file, start, end))
+            })?;
+            Ok(with_outcome(r, Outcome::Hit))
+        }
+        BlobState::Fill { fill, joined } => {
+            let outcome = if joined {
+                Outcome::Joined
+            } else {
+                Outcome::Miss
+            };
+            let size = match fill.started().await {
+                Progress::Streaming {
+                    total: Some(size), ..
+                }
+                | Progress::Done { size, .. } => size,
+                Progress::Streaming { total: None, .. } => {
+                    if range.is_none() && !ctx.head {
+                        // No size yet and none needed: stream the whole blob as it comes.
+                        let r = Response::builder()
+                            .status(StatusCode::OK)
+                            .header(header::CONTENT_TYPE, "application/octet-stream")
+                            .header("Docker-Content-Digest", digest.to_string())
+                            .header(header::ACCEPT_RANGES, "bytes")
+                            .body(body::stream(read::follow(fill, 0, None)))
+                            .expect("valid response");
+                        return Ok(with_outcome(r, outcome));
+                    }
+                    match fill.finished().await {
+                        Progress::Done { size, .. } => size,
+                        Progress::Failed(e) => return fill_failed(ctx, &digest, e).await,
+                        _ => unreachable!("finished() waits for Done or Failed"),
+                    }
+                }
+                Progress::Failed(e) => return fill_failed(ctx, &digest, e).await,
+                Progress::Connecting => unreachable!("started() waits past Connecting"),
+            };
+            let r = respond(&digest, size, range, ctx.head, |start, end| {
+                body::stream(read::follow(fill, start, Some(end)))
+            })?;
+            Ok(with_outcome(r, outcome))
+        }
+        BlobState::Miss => head_upstream(ctx, &digest, range).await,
+    }
+}
+
+async fn fill_failed(ctx: &Ctx, digest: &Digest, e: FillError) -> Result<Response<Body>, ApiError> {
+    match e {
+        FillError::Upstream(e) => Err(e.into()),
+        FillError::Storage(why) => {
+            tracing::error!(digest = %digest, error = %why, "store unavailable; serving straight from upstream");
+            bypass(ctx, digest).await
+        }
+        FillError::Cancelled => Err(ApiError::Internal("server shutting down".into())),
+    }
+}
+
+/// The headers (and body, unless HEAD) for a blob of `size` bytes and an optional range.
+fn respond(
+    digest: &Digest,
+    size: u64,
+    range: Option<RangeSpec>,
+    head: bool,
+    body: impl FnOnce(u64, u64) -> Body,
+) -> Result<Response<Body>, ApiError> {
+    let (status, start, end) = match range.map(|r| r.resolve(size)) {
+        None => (StatusCode::OK, 0, size),
+        Some(Resolved::Partial { start, end }) => (StatusCode::PARTIAL_CONTENT, start, end),
+        Some(Resolved::Unsatisfiable) => return Err(ApiError::RangeNotSatisfiable { size }),
+    };
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, end - start)
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::CACHE_CONTROL, "max-age=31536000");
+    if status == StatusCode::PARTIAL_CONTENT {
+        b = b.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", end - 1),
+        );
+    }
+    let body = if head || start == end {
+        body::empty()
+    } else {
+        body(start, end)
+    };
+    Ok(b.body(body).expect("valid response"))
+}
+
+/// HEAD of a blob that is neither stored nor filling: ask the upstream, fetch nothing.
+async fn head_upstream(
+    ctx: &Ctx,
+    digest: &Digest,
+    range: Option<RangeSpec>,
+) -> Result<Response<Body>, ApiError> {
+    let resp = ctx
+        .upstream
+        .send(&UpstreamRequest {
+            method: Method::HEAD,
+            repo: &ctx.repo,
+            path: format!("blobs/{digest}"),
+            query: None,
+            headers: identity(),
+            streaming: false,
+        })
+        .await?;
+    let size = resp.content_length().or_else(|| {
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    });
+    let size = size.ok_or_else(|| {
+        ApiError::from(
+            ctx.upstream
+                .error(crate::upstream::UpstreamErrorKind::Protocol(
+                    "blob HEAD without Content-Length",
+                )),
+        )
+    })?;
+    let r = respond(digest, size, range, true, |_, _| body::empty())?;
+    Ok(with_outcome(r, Outcome::Miss))
+}
+
+fn identity() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    h
+}
+
+/// The store cannot take the blob: forward the request upstream (with the client's range) and
+/// stream the answer, still verifying a whole body against its digest.
+async fn bypass(ctx: &Ctx, digest: &Digest) -> Result<Response<Body>, ApiError> {
+    let mut headers = identity();
+    let range = ctx
+        .headers
+        .get(header::RANGE)
+        .filter(|v| v.to_str().ok().and_then(RangeSpec::parse).is_some());
+    if let Some(r) = range {
+        headers.insert(header::RANGE, r.clone());
+    }
+    let resp = ctx
+        .upstream
+        .send(&UpstreamRequest {
+            method: Method::GET,
+            repo: &ctx.repo,
+            path: format!("blobs/{digest}"),
+            query: None,
+            headers,
+            streaming: true,
+        })
+        .await?;
+    let status = resp.status();
+    if status == StatusCode::RANGE_NOT_SATISFIABLE {
+        let size = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit('/').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        return Err(ApiError::RangeNotSatisfiable { size });
+    }
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::ACCEPT_RANGES, "bytes");
+    for h in [header::CONTENT_LENGTH, header::CONTENT_RANGE] {
+        if let Some(v) = resp.headers().get(&h) {
+            b = b.header(h, v.clone());
+        }
+    }
+    let upstream = resp.bytes_stream().map(|r| r.map_err(BoxError::from));
+    let body = if status == StatusCode::OK {
+        body::stream(verified(upstream, digest.clone()))
+    } else {
+        body::stream(upstream)
+    };
+    Ok(with_outcome(
+        b.body(body).expect("valid response"),
+        Outcome::Bypass,
+    ))
+}
+
+/// Passes a whole blob through, ending with an error instead of a clean end if its bytes do not
+/// match the digest.
+fn verified(
+    inner: impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static,
+    digest: Digest,
+) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send {
+    let hasher = Some(Hasher::new(digest.algorithm()));
+    futures_util::stream::try_unfold(
+        (Box::pin(inner), hasher, Arc::new(digest)),
+        |(mut inner, mut hasher, digest)| async move {
+            match inner.next().await {
+                Some(Ok(bytes)) => {
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(&bytes);
+                    }
+                    Ok(Some((bytes, (inner, hasher, digest))))
+                }
+                Some(Err(e)) => Err(e),
+                None => match hasher.take().map(Hasher::finish) {
+                    Some(actual) if actual != *digest => {
+                        Err(BoxError::from("upstream blob does not match its digest"))
+                    }
+                    _ => Ok(None),
+                },
+            }
+        },
+    )
+}

@@ -1,0 +1,172 @@
+//! The HTTP side: the router that turns a request into a route and an upstream, and the
+//! handlers for blobs, manifests and the forwarded endpoints.
+
+pub mod access_log;
+mod blobs;
+pub mod body;
+mod manifests;
+mod passthrough;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use tokio::time::Instant;
+
+use self::access_log::{LoggedBody, Outcome, RequestInfo};
+use self::body::Body;
+use crate::cache::Store;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::oci::{Kind, RepoName, Route};
+use crate::upstream::{Upstream, Upstreams};
+
+/// Everything handlers share.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub upstreams: Upstreams,
+}
+
+/// One proxied request after routing.
+pub struct Ctx {
+    pub upstream: Arc<Upstream>,
+    /// The repository name to ask the upstream for.
+    pub repo: RepoName,
+    /// The name as the client wrote it (with any upstream prefix), for rewritten links.
+    pub client_name: RepoName,
+    pub ns: Option<String>,
+    pub head: bool,
+    pub headers: HeaderMap,
+    pub query: Option<String>,
+}
+
+impl Ctx {
+    /// The client's `Accept` header values, forwarded upstream unchanged.
+    pub fn accept(&self) -> impl Iterator<Item = &str> {
+        self.headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+    }
+}
+
+/// Handles one request: route, answer, and wrap the body so the access log line is written
+/// when the transfer ends.
+pub async fn handle<B>(
+    state: Arc<AppState>,
+    req: Request<B>,
+    remote: SocketAddr,
+) -> Response<LoggedBody> {
+    let mut info = RequestInfo {
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        remote,
+        kind: Kind::Other,
+        upstream: None,
+        repository: None,
+        started: Instant::now(),
+    };
+    let head = req.method() == Method::HEAD;
+    let mut resp = match route(&state, &req, &mut info).await {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = e.into_response(info.kind, head);
+            r.extensions_mut().insert(Outcome::Error);
+            r
+        }
+    };
+    resp.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let outcome = resp
+        .extensions()
+        .get::<Outcome>()
+        .copied()
+        .unwrap_or(Outcome::Hit);
+    let status = resp.status().as_u16();
+    resp.map(|b| LoggedBody::new(b, info, status, outcome))
+}
+
+async fn route<B>(
+    state: &AppState,
+    req: &Request<B>,
+    info: &mut RequestInfo,
+) -> Result<Response<Body>, ApiError> {
+    let route = Route::parse(req.uri().path())?;
+    info.kind = route.kind();
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Err(ApiError::Unsupported(
+            "entrepot is a pull-through cache: push and delete are not supported",
+        ));
+    }
+    let head = req.method() == Method::HEAD;
+    let name = match &route {
+        Route::Base => {
+            let mut r = json_response(StatusCode::OK, "{}", head);
+            r.extensions_mut().insert(Outcome::Hit);
+            return Ok(r);
+        }
+        Route::Catalog => {
+            return Err(ApiError::Unsupported(
+                "the catalog is not available through a pull-through cache",
+            ))
+        }
+        Route::Upload => {
+            return Err(ApiError::Unsupported(
+                "entrepot is a pull-through cache: push is not supported",
+            ))
+        }
+        r => r.name().expect("content routes have a name").clone(),
+    };
+    let query = req.uri().query().map(str::to_string);
+    let ns = query.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "ns")
+            .map(|(_, v)| v.into_owned())
+    });
+    let (upstream, repo) = state.upstreams.select(ns.as_deref(), &name)?;
+    info.upstream = Some(upstream.name().clone());
+    info.repository = Some(repo.to_string());
+    let ctx = Ctx {
+        upstream,
+        repo,
+        client_name: name,
+        ns: ns.clone(),
+        head,
+        headers: req.headers().clone(),
+        query,
+    };
+    let mut resp = match route {
+        Route::Blob { digest, .. } => blobs::serve(state, &ctx, digest).await?,
+        Route::Manifest { reference, .. } => manifests::serve(state, &ctx, reference).await?,
+        Route::TagsList { .. } => passthrough::tags_list(&ctx).await?,
+        Route::Referrers { digest, .. } => passthrough::referrers(&ctx, &digest).await?,
+        _ => unreachable!("handled above"),
+    };
+    if let Some(ns) = ns.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut().insert("OCI-Namespace", ns);
+    }
+    Ok(resp)
+}
+
+/// A small JSON response; for HEAD the same headers without the body.
+pub fn json_response(status: StatusCode, json: &'static str, head: bool) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, json.len())
+        .body(if head {
+            body::empty()
+        } else {
+            body::full(json)
+        })
+        .expect("valid response")
+}
+
+/// Tags a response with how it was answered, for the access log.
+pub fn with_outcome(mut r: Response<Body>, outcome: Outcome) -> Response<Body> {
+    r.extensions_mut().insert(outcome);
+    r
+}

@@ -1,0 +1,33 @@
+//! entrepot: a pull-through caching proxy for OCI / Docker registries.
+//!
+//! # Layout
+//!
+//! ```text
+//! main.rs      CLI: parse args, init tracing, load config, run the server
+//! app.rs       Server: listener, connections, TaskTracker + shutdown token, graceful drain
+//! config.rs    TOML → validated Config; built-in defaults for well-known registries
+//! error.rs     ApiError: the one place errors become HTTP status + OCI error JSON
+//! clock.rs     the clock tag TTLs and token expiry are measured with
+//! oci/         protocol only, no I/O: names, references, digests, routes, media types, ranges
+//! http/        router, blob and manifest handlers, forwarded endpoints, access log
+//! cache/       the store: blob lookup, fills and followers, temp files, manifests, tag index
+//! upstream/    upstream selection, registry client, bearer/basic auth, token cache
+//! ```
+//!
+//! A blob request goes router → `http::blobs` → `Store::blob`: a hit is served from its file;
+//! a miss starts one detached fill per digest (`cache::fill`) that owns the upstream stream,
+//! and every client reads behind it (`cache::read::follow`).
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod oci;
+pub mod upstream;
+
+pub use app::Server;
+pub use config::Config;

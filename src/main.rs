@@ -1,0 +1,133 @@
+//! The `entrepot` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use entrepot::{Config, Server};
+use tracing_subscriber::EnvFilter;
+
+/// A pull-through caching proxy for OCI / Docker container registries.
+#[derive(Parser)]
+#[command(name = "entrepot", version, about, long_about = None)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the registry API. Without --config: listens on 0.0.0.0:5000, stores under
+    /// ./entrepot-data and proxies docker.io (the default for bare names), ghcr.io, quay.io,
+    /// registry.k8s.io and gcr.io.
+    Serve {
+        /// TOML configuration file (see config.example.toml).
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Listen address; overrides [server] listen.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Store directory; overrides [storage] root.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
+    /// Check a configuration file and print the upstreams it defines.
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("ENTREPOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            root,
+        } => {
+            let mut cfg = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::builtin(),
+            };
+            if let Some(l) = listen {
+                cfg.server.listen = l;
+            }
+            if let Some(r) = root {
+                cfg.storage.root = r;
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(cfg))
+        }
+        Command::CheckConfig { config } => {
+            let cfg = Config::load(&config)?;
+            for u in &cfg.upstreams {
+                println!(
+                    "{}\t{}{}",
+                    u.name,
+                    u.url,
+                    if u.default { "\t(default)" } else { "" }
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let listen = cfg.server.listen;
+    let server = Server::new(cfg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    server.run(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,306 @@
+//! One upstream registry: its HTTP client, mirrors tried in order, the auth dance, redirects
+//! followed by hand (so `Authorization` never crosses to another origin), and the mapping of
+//! upstream answers to `UpstreamError`.
+
+use std::sync::{Arc, Once};
+
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use url::Url;
+
+use super::auth::{self, AuthState, Challenge, TokenResponse};
+use super::{UpstreamError, UpstreamErrorKind};
+use crate::clock::Clock;
+use crate::config::UpstreamConfig;
+use crate::oci::RepoName;
+
+const MAX_REDIRECTS: usize = 10;
+
+/// One request to an upstream, relative to `/v2/<repo>/`.
+pub struct UpstreamRequest<'a> {
+    pub method: Method,
+    pub repo: &'a RepoName,
+    /// `manifests/<ref>`, `blobs/<digest>`, `tags/list`, `referrers/<digest>`
+    pub path: String,
+    pub query: Option<String>,
+    /// Only what the proxy chooses to forward (`Accept`, `Range`); never the client's
+    /// `Authorization`.
+    pub headers: HeaderMap,
+    /// A blob body that may stream for long: no whole-request timeout, only the read timeout.
+    pub streaming: bool,
+}
+
+pub struct Upstream {
+    name: Arc<str>,
+    config: UpstreamConfig,
+    http: reqwest::Client,
+    clock: Clock,
+    auth: AuthState,
+}
+
+static TLS_PROVIDER: Once = Once::new();
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig, clock: Clock) -> Result<Upstream, reqwest::Error> {
+        TLS_PROVIDER.call_once(|| {
+            // Another part of the process may have installed one already; either is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        });
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .user_agent(concat!("entrepot/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Upstream {
+            name: config.name.clone().into(),
+            config,
+            http,
+            clock,
+            auth: AuthState::default(),
+        })
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    pub fn error(&self, kind: UpstreamErrorKind) -> UpstreamError {
+        UpstreamError {
+            upstream: self.name.clone(),
+            kind,
+        }
+    }
+
+    /// Sends a request to the upstream's URL, then its mirrors in order while they are
+    /// unavailable. A 2xx (or 416 for a forwarded range) is returned; anything else is an error.
+    pub async fn send(
+        &self,
+        req: &UpstreamRequest<'_>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let endpoints = std::iter::once(&self.config.url).chain(&self.config.mirrors);
+        let count = 1 + self.config.mirrors.len();
+        let mut last = None;
+        for (i, base) in endpoints.enumerate() {
+            match self.send_to(base, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(kind) if kind.is_unavailable() && i + 1 < count => {
+                    tracing::warn!(upstream = %self.name, endpoint = i, error = %kind, "upstream endpoint unavailable, trying the next mirror");
+                    last = Some(kind);
+                }
+                Err(kind) => return Err(self.error(kind)),
+            }
+        }
+        Err(self.error(last.unwrap_or(UpstreamErrorKind::Unreachable("no endpoint"))))
+    }
+
+    async fn send_to(
+        &self,
+        base: &Url,
+        req: &UpstreamRequest<'_>,
+    ) -> Result<reqwest::Response, UpstreamErrorKind> {
+        let mut url = format!(
+            "{}/v2/{}/{}",
+            base.as_str().trim_end_matches('/'),
+            req.repo,
+            req.path
+        );
+        if let Some(q) = &req.query {
+            url.push('?');
+            url.push_str(q);
+        }
+        let url = Url::parse(&url).map_err(|_| UpstreamErrorKind::Protocol("bad URL"))?;
+        let origin = url.origin().ascii_serialization();
+        let scope = format!("repository:{}:pull", req.repo);
+        let mut retried = false;
+        loop {
+            let authz = self.authorization(&origin, &scope).await?;
+            let resp = self
+                .execute(
+                    req.method.clone(),
+                    url.clone(),
+                    &req.headers,
+                    authz,
+                    req.streaming,
+                )
+                .await?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !retried {
+                let challenge = resp
+                    .headers()
+                    .get_all(header::WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .filter_map(auth::parse_challenge)
+                    .next();
+                match challenge {
+                    Some(c) => {
+                        self.auth.remember_challenge(&origin, c);
+                        self.auth.forget_token(&origin, &scope);
+                        retried = true;
+                        continue;
+                    }
+                    None => return Err(UpstreamErrorKind::Denied),
+                }
+            }
+            return classify(resp);
+        }
+    }
+
+    /// The `Authorization` to send to `origin` for `scope`, from what its last challenge asked.
+    async fn authorization(
+        &self,
+        origin: &str,
+        scope: &str,
+    ) -> Result<Option<HeaderValue>, UpstreamErrorKind> {
+        match self.auth.challenge(origin) {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(self.credentials().map(|(u, p)| auth::basic_header(u, p))),
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                let now = self.clock.now();
+                if let Some(t) = self.auth.cached_token(origin, scope, now) {
+                    return Ok(Some(t));
+                }
+                let (token, lifetime) = self.fetch_token(&realm, service.as_deref(), scope).await?;
+                self.auth
+                    .store_token(origin, scope, token.clone(), auth::expiry(now, lifetime));
+                Ok(Some(token))
+            }
+        }
+    }
+
+    fn credentials(&self) -> Option<(&str, &str)> {
+        match (&self.config.username, &self.config.password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            _ => None,
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(HeaderValue, std::time::Duration), UpstreamErrorKind> {
+        let mut url =
+            Url::parse(realm).map_err(|_| UpstreamErrorKind::Protocol("bad token realm"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(UpstreamErrorKind::Protocol("bad token realm"));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let mut rb = self.http.get(url).timeout(self.config.request_timeout);
+        if let Some((u, p)) = self.credentials() {
+            rb = rb.basic_auth(u, Some(p));
+        }
+        let resp = rb.send().await.map_err(|e| self.transport_error(&e))?;
+        let resp = classify(resp)?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
+        let body: TokenResponse = serde_json::from_slice(&bytes)
+            .map_err(|_| UpstreamErrorKind::Protocol("token endpoint answered without a token"))?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or(UpstreamErrorKind::Protocol(
+                "token endpoint answered without a token",
+            ))?;
+        let lifetime = body
+            .expires_in
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(auth::DEFAULT_TOKEN_LIFETIME);
+        let header = auth::bearer_header(&token).ok_or(UpstreamErrorKind::Protocol(
+            "token is not a valid header value",
+        ))?;
+        Ok((header, lifetime))
+    }
+
+    /// Sends one request and follows redirects. `Authorization` is dropped as soon as a hop
+    /// leaves the origin it was meant for (a CDN, an object store): it never comes back.
+    async fn execute(
+        &self,
+        mut method: Method,
+        mut url: Url,
+        headers: &HeaderMap,
+        mut authz: Option<HeaderValue>,
+        streaming: bool,
+    ) -> Result<reqwest::Response, UpstreamErrorKind> {
+        for _ in 0..=MAX_REDIRECTS {
+            let mut rb = self
+                .http
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(a) = &authz {
+                rb = rb.header(header::AUTHORIZATION, a.clone());
+            }
+            if !streaming {
+                rb = rb.timeout(self.config.request_timeout);
+            }
+            let resp = rb.send().await.map_err(|e| self.transport_error(&e))?;
+            if !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let Some(next) = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+            else {
+                return Err(UpstreamErrorKind::Protocol(
+                    "redirect without a usable Location",
+                ));
+            };
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(UpstreamErrorKind::Protocol("redirect to a non-HTTP URL"));
+            }
+            if next.origin() != url.origin() {
+                authz = None;
+            }
+            if resp.status() == StatusCode::SEE_OTHER && method != Method::HEAD {
+                method = Method::GET;
+            }
+            url = next;
+        }
+        Err(UpstreamErrorKind::Protocol("too many redirects"))
+    }
+
+    /// Classifies a transport failure; the detail (which may name hosts) goes to the log only.
+    pub fn transport_error(&self, e: &reqwest::Error) -> UpstreamErrorKind {
+        tracing::warn!(upstream = %self.name, error = %e, "upstream request failed");
+        if e.is_timeout() {
+            UpstreamErrorKind::Timeout
+        } else if e.is_connect() {
+            UpstreamErrorKind::Unreachable("connection failed")
+        } else {
+            UpstreamErrorKind::Unreachable("request failed")
+        }
+    }
+}
+
+/// Upstream status → success or error kind.
+fn classify(resp: reqwest::Response) -> Result<reqwest::Response, UpstreamErrorKind> {
+    let status = resp.status();
+    if status.is_success() || status == StatusCode::RANGE_NOT_SATISFIABLE {
+        return Ok(resp);
+    }
+    Err(match status {
+        StatusCode::NOT_FOUND => UpstreamErrorKind::NotFound,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => UpstreamErrorKind::Denied,
+        StatusCode::TOO_MANY_REQUESTS => UpstreamErrorKind::RateLimited {
+            retry_after: resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        },
+        s => UpstreamErrorKind::Status(s.as_u16()),
+    })
+}
