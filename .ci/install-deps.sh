@@ -22,7 +22,9 @@ fi
 
 missing=()
 for pkg in "${!wanted[@]}"; do
-    if dpkg -s "$pkg" >/dev/null 2>&1 && command -v "${wanted[$pkg]}" >/dev/null 2>&1; then
+    # A removed package can linger as "deinstall ok config-files": ask for the full status.
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    if [[ $status == "install ok installed" ]] && command -v "${wanted[$pkg]}" >/dev/null 2>&1; then
         echo "install-deps: $pkg already installed ($(command -v "${wanted[$pkg]}"))"
     else
         missing+=("$pkg")

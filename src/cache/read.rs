@@ -112,7 +112,17 @@ pub fn follow(
                     }
                     continue;
                 }
-                Progress::Streaming { file, written, .. } => (file, written, false),
+                // The last byte of the blob is held back until the fill is verified, so a
+                // client never receives a complete-looking body whose digest then fails.
+                Progress::Streaming {
+                    file,
+                    written,
+                    total,
+                } => (
+                    file,
+                    total.map_or(written, |t| written.min(t.saturating_sub(1))),
+                    false,
+                ),
                 Progress::Done { file, size } => (file, size, true),
                 Progress::Failed(FillError::Storage(_)) => {
                     st.bypass = Some(bypass(&st.fill, st.pos, st.end).await?);

@@ -146,12 +146,12 @@ async fn head_upstream(
             streaming: false,
         })
         .await?;
-    let size = resp.content_length().or_else(|| {
-        resp.headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-    });
+    // The header, not `content_length()`: for HEAD that is the (empty) body's size.
+    let size: Option<u64> = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let size = size.ok_or_else(|| {
         ApiError::from(
             ctx.upstream
@@ -228,31 +228,52 @@ async fn bypass(ctx: &Ctx, digest: &Digest) -> Result<Response<Body>, ApiError> 
     ))
 }
 
-/// Passes a whole blob through, ending with an error instead of a clean end if its bytes do not
-/// match the digest.
+/// Passes a whole blob through, verifying it. The last chunk is held back until the digest is
+/// checked, so a mismatch ends the body with an error and never looks like a complete blob.
 fn verified(
     inner: impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static,
     digest: Digest,
 ) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send {
-    let hasher = Some(Hasher::new(digest.algorithm()));
-    futures_util::stream::try_unfold(
-        (Box::pin(inner), hasher, Arc::new(digest)),
-        |(mut inner, mut hasher, digest)| async move {
-            match inner.next().await {
+    struct St<S> {
+        inner: std::pin::Pin<Box<S>>,
+        hasher: Hasher,
+        held: Option<Bytes>,
+        digest: Arc<Digest>,
+        done: bool,
+    }
+    let st = St {
+        inner: Box::pin(inner),
+        hasher: Hasher::new(digest.algorithm()),
+        held: None,
+        digest: Arc::new(digest),
+        done: false,
+    };
+    futures_util::stream::try_unfold(st, |mut st| async move {
+        if st.done {
+            return Ok(None);
+        }
+        loop {
+            match st.inner.next().await {
+                Some(Ok(bytes)) if bytes.is_empty() => continue,
                 Some(Ok(bytes)) => {
-                    if let Some(h) = hasher.as_mut() {
-                        h.update(&bytes);
+                    st.hasher.update(&bytes);
+                    if let Some(prev) = st.held.replace(bytes) {
+                        return Ok(Some((prev, st)));
                     }
-                    Ok(Some((bytes, (inner, hasher, digest))))
                 }
-                Some(Err(e)) => Err(e),
-                None => match hasher.take().map(Hasher::finish) {
-                    Some(actual) if actual != *digest => {
-                        Err(BoxError::from("upstream blob does not match its digest"))
+                Some(Err(e)) => return Err(e),
+                None => {
+                    let actual = st.hasher.clone().finish();
+                    if actual != *st.digest {
+                        return Err(BoxError::from("upstream blob does not match its digest"));
                     }
-                    _ => Ok(None),
-                },
+                    st.done = true;
+                    return match st.held.take() {
+                        Some(last) => Ok(Some((last, st))),
+                        None => Ok(None),
+                    };
+                }
             }
-        },
-    )
+        }
+    })
 }

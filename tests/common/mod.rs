@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
 pub mod fake_registry;
+pub mod proxy;
 pub mod real;
 
 use std::net::{SocketAddr, TcpListener};

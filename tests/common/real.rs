@@ -4,12 +4,8 @@
 //! The programs come from Debian packages that `.ci/install-deps.sh` installs. A test that
 //! needs one and cannot find it fails (never skips), saying to run that script.
 
-// Every test binary that declares `mod common;` compiles this file but uses only part of it.
-#![allow(dead_code)]
-
 use std::{
     fs,
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicU64, Ordering},
@@ -18,6 +14,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
+
+use super::free_port;
 
 /// What to do when a program is missing.
 pub const INSTALL_HINT: &str =
@@ -44,13 +42,6 @@ pub fn require_program(program: &str) -> PathBuf {
             .find(|candidate| candidate.is_file())
     });
     found.unwrap_or_else(|| panic!("`{program}` was not found on PATH: {INSTALL_HINT}"))
-}
-
-/// A port on 127.0.0.1 that was free a moment ago. Another process can take it before ours
-/// binds it, which is why [`start_on_free_port`] retries on "address already in use".
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
 }
 
 /// `sha256:<hex>` of `data`.
@@ -177,7 +168,8 @@ pub async fn get_status(port: u16, path: &str) -> Result<u16> {
 }
 
 /// Starts a server on a free port and waits until it is ready. `spawn` gets the port and
-/// returns the running process; a bind race with another process is retried with a new port.
+/// returns the running process. The port is only known free until the process binds it, so a
+/// bind race with another process ("address already in use") is retried with a new port.
 pub async fn start_on_free_port<F>(mut spawn: F) -> Result<(u16, ChildGuard)>
 where
     F: FnMut(u16) -> Result<ChildGuard>,

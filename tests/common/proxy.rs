@@ -1,0 +1,154 @@
+//! entrepot itself, started in-process on 127.0.0.1:0 for behaviour tests.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use entrepot::cache::Store;
+use entrepot::clock::Clock;
+use entrepot::{Config, Server};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Proxy {
+    pub url: String,
+    pub clock: Clock,
+    pub store: Arc<Store>,
+    pub root: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<std::io::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// One `[[upstream]]` table.
+pub fn upstream(name: &str, url: &str, default: bool, extra: &str) -> String {
+    format!("[[upstream]]\nname = \"{name}\"\nurl = \"{url}\"\ndefault = {default}\n{extra}\n")
+}
+
+impl Proxy {
+    /// Starts entrepot with these `[[upstream]]` tables and a fresh store.
+    pub async fn start(upstreams: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let mut p = Proxy::start_at(upstreams, &root).await;
+        p._dir = Some(dir);
+        p
+    }
+
+    /// Starts entrepot on an existing store folder (a restart).
+    pub async fn start_at(upstreams: &str, root: &Path) -> Proxy {
+        super::install_crypto();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[storage]\nroot = \"{}\"\n{upstreams}",
+            root.display()
+        );
+        let config = Config::parse(&text).expect("test config is valid");
+        let server = Server::new(config).expect("server starts");
+        let clock = server.clock();
+        let store = server.store();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run(listener, async {
+            let _ = rx.await;
+        }));
+        Proxy {
+            url,
+            clock,
+            store,
+            root: root.to_path_buf(),
+            shutdown: Some(tx),
+            handle: Some(handle),
+            _dir: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let (alg, hex) = digest.split_once(':').unwrap();
+        self.root.join("blobs").join(alg).join(hex)
+    }
+
+    /// Waits (bounded) until the blob is committed to the store, and returns its bytes.
+    pub async fn wait_cached(&self, digest: &str) -> Vec<u8> {
+        let path = self.blob_path(digest);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(bytes) = std::fs::read(&path) {
+                if self.store.fills_in_progress() == 0 {
+                    return bytes;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "blob {digest} was not cached in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) until no fill is running.
+    pub async fn wait_idle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.store.fills_in_progress() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fills still running"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn tmp_entries(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.join("tmp"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Signals shutdown and waits for the server to drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+
+    /// Sends the shutdown signal without waiting; returns the server's join handle.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle.take().unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so test blobs are incompressible and distinct.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

@@ -1,0 +1,251 @@
+//! Manifests and tags through the real server: TTL, revalidation by HEAD, stale-if-error,
+//! Accept negotiation, digest verification, and a restart with every upstream down.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_registry::{BlobBehavior, Failure, FakeRegistry, OCI_INDEX, OCI_MANIFEST};
+use common::proxy::{random_bytes, upstream, Proxy};
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+async fn get(url: &str, accept: Option<&str>) -> reqwest::Response {
+    let mut r = common::client().get(url);
+    if let Some(a) = accept {
+        r = r.header("Accept", a);
+    }
+    r.send().await.unwrap()
+}
+
+fn upstream_cfg(up: &FakeRegistry, extra: &str) -> String {
+    upstream(
+        "fake",
+        &up.url(),
+        true,
+        &format!("tag_ttl = \"5m\"\n{extra}"),
+    )
+}
+
+#[tokio::test]
+async fn tag_within_ttl_is_answered_locally_then_revalidated_by_head() {
+    let up = FakeRegistry::start().await;
+    let img = up.push_image("team/app", "v1", &[random_bytes(1000, 1).into()]);
+    let proxy = Proxy::start(&upstream_cfg(&up, "")).await;
+    let url = proxy.url("/v2/team/app/manifests/v1");
+
+    let r = get(&url, Some(OCI_MANIFEST)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], img.manifest.as_str());
+    assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
+    assert_eq!(up.count("GET", "/manifests/"), 1);
+
+    // Within the TTL: GET and HEAD are answered with no upstream request.
+    up.reset_counts();
+    proxy.clock.advance(Duration::from_secs(299));
+    for _ in 0..5 {
+        assert_eq!(get(&url, Some(OCI_MANIFEST)).await.status(), 200);
+        let h = common::client()
+            .head(&url)
+            .header("Accept", OCI_MANIFEST)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(h.status(), 200);
+    }
+    assert!(
+        up.requests().is_empty(),
+        "{:?}",
+        up.requests().iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+
+    // Past the TTL: one HEAD confirms the digest; nothing is re-downloaded.
+    proxy.clock.advance(Duration::from_secs(2));
+    let r = get(&url, Some(OCI_MANIFEST)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
+    assert_eq!(up.count("HEAD", "/manifests/v1"), 1);
+    assert_eq!(up.count("GET", "/manifests/"), 0);
+    // ...and that restarts the TTL.
+    assert_eq!(get(&url, Some(OCI_MANIFEST)).await.status(), 200);
+    assert_eq!(up.count("HEAD", "/manifests/"), 1);
+
+    // The tag moves upstream: after the TTL the new manifest is fetched and served.
+    let img2 = up.push_image("team/app", "v1", &[random_bytes(1000, 2).into()]);
+    proxy.clock.advance(Duration::from_secs(301));
+    let r = get(&url, Some(OCI_MANIFEST)).await;
+    assert_eq!(r.headers()["docker-content-digest"], img2.manifest.as_str());
+    assert_eq!(r.bytes().await.unwrap(), img2.manifest_body);
+    assert_eq!(up.count("HEAD", "/manifests/v1"), 2);
+}
+
+#[tokio::test]
+async fn stale_tag_is_served_when_the_upstream_fails() {
+    let up = FakeRegistry::start().await;
+    let img = up.push_image("team/app", "v1", &[random_bytes(1000, 3).into()]);
+    let proxy = Proxy::start(&upstream_cfg(&up, "request_timeout = \"500ms\"")).await;
+    let url = proxy.url("/v2/team/app/manifests/v1");
+    assert_eq!(get(&url, None).await.status(), 200);
+
+    for failure in [
+        Failure::Status(503),
+        Failure::Status(500),
+        Failure::StatusRetryAfter(429, "30".into()),
+        Failure::Hang,
+    ] {
+        up.set_failure(Some(failure.clone()));
+        proxy.clock.advance(Duration::from_secs(301));
+        let r = get(&url, None).await;
+        assert_eq!(r.status(), 200, "{failure:?}");
+        assert_eq!(r.headers()["docker-content-digest"], img.manifest.as_str());
+        assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
+        let h = common::client().head(&url).send().await.unwrap();
+        assert_eq!(h.status(), 200, "{failure:?}");
+    }
+
+    // Without a cached mapping, the failure reaches the client as an upstream error.
+    up.set_failure(Some(Failure::StatusRetryAfter(429, "30".into())));
+    let r = get(&proxy.url("/v2/team/app/manifests/other"), None).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "30");
+    up.set_failure(Some(Failure::Status(503)));
+    let r = get(&proxy.url("/v2/team/app/manifests/other"), None).await;
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let msg = body["errors"][0]["message"].as_str().unwrap();
+    assert!(msg.contains("upstream fake"), "{msg}");
+    assert!(!msg.contains("127.0.0.1"), "internal URL leaked: {msg}");
+    up.set_failure(Some(Failure::Hang));
+    let r = get(&proxy.url("/v2/team/app/manifests/other"), None).await;
+    assert_eq!(r.status(), 504);
+}
+
+#[tokio::test]
+async fn a_cached_tag_is_served_only_to_a_request_that_accepts_its_type() {
+    let up = FakeRegistry::start().await;
+    up.push_image("team/app", "v1", &[random_bytes(10, 4).into()]);
+    let proxy = Proxy::start(&upstream_cfg(&up, "")).await;
+    let url = proxy.url("/v2/team/app/manifests/v1");
+    let accept_both = format!("{OCI_MANIFEST}, {OCI_INDEX}");
+    assert_eq!(get(&url, Some(&accept_both)).await.status(), 200);
+    assert_eq!(up.count("GET", "/manifests/"), 1);
+    // Accepts it: served locally.
+    assert_eq!(get(&url, Some(OCI_MANIFEST)).await.status(), 200);
+    assert_eq!(up.count("GET", "/manifests/"), 1);
+    // Does not accept it: goes upstream with the client's Accept, unchanged.
+    get(&url, Some(DOCKER_MANIFEST)).await;
+    assert_eq!(up.count("GET", "/manifests/"), 2);
+    let last = up
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "GET")
+        .unwrap();
+    assert_eq!(last.headers["accept"], DOCKER_MANIFEST);
+}
+
+#[tokio::test]
+async fn manifests_by_digest_are_verified_and_cached_forever() {
+    let up = FakeRegistry::start().await;
+    let img = up.push_image("team/app", "v1", &[random_bytes(10, 5).into()]);
+    let proxy = Proxy::start(&upstream_cfg(&up, "")).await;
+    let url = proxy.url(&format!("/v2/team/app/manifests/{}", img.manifest));
+
+    up.set_blob_behavior(&img.manifest, BlobBehavior::Corrupt);
+    let r = get(&url, None).await;
+    assert_eq!(r.status(), 502);
+    assert!(!proxy.blob_path(&img.manifest).exists());
+
+    up.set_blob_behavior(&img.manifest, BlobBehavior::Normal);
+    let r = get(&url, None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
+    up.reset_counts();
+    proxy.clock.advance(Duration::from_secs(365 * 24 * 3600));
+    let r = get(&url, None).await;
+    assert_eq!(r.status(), 200);
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn head_of_an_unknown_tag_asks_upstream_with_head_only() {
+    let up = FakeRegistry::start().await;
+    let img = up.push_image("team/app", "v1", &[random_bytes(10, 6).into()]);
+    let proxy = Proxy::start(&upstream_cfg(&up, "")).await;
+    let h = common::client()
+        .head(proxy.url("/v2/team/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h.status(), 200);
+    assert_eq!(h.headers()["docker-content-digest"], img.manifest.as_str());
+    assert_eq!(
+        h.headers()["content-length"],
+        img.manifest_body.len().to_string()
+    );
+    assert_eq!(up.count("HEAD", "/manifests/v1"), 1);
+    assert_eq!(up.count("GET", "/manifests/"), 0);
+    // containerd's next step, GET by digest, fetches it once.
+    let r = get(
+        &proxy.url(&format!("/v2/team/app/manifests/{}", img.manifest)),
+        None,
+    )
+    .await;
+    assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
+    // And the tag is now answered locally, body included.
+    let r = get(&proxy.url("/v2/team/app/manifests/v1"), None).await;
+    assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
+    assert_eq!(up.count("GET", "/manifests/"), 1);
+    assert_eq!(up.count("HEAD", "/manifests/"), 1);
+    // Unknown upstream tag → 404 MANIFEST_UNKNOWN.
+    let r = get(&proxy.url("/v2/team/app/manifests/nope"), None).await;
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+}
+
+#[tokio::test]
+async fn restart_with_every_upstream_down_serves_cached_tags_and_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let up = FakeRegistry::start().await;
+    let layer = random_bytes(300_000, 7);
+    let img = up.push_image("team/app", "v1", &[layer.clone().into()]);
+    let cfg = upstream_cfg(&up, "connect_timeout = \"1s\"");
+    let proxy = Proxy::start_at(&cfg, &root).await;
+    let c = common::client();
+    assert_eq!(
+        get(&proxy.url("/v2/team/app/manifests/v1"), None)
+            .await
+            .status(),
+        200
+    );
+    for d in img.layers.iter().chain([&img.config]) {
+        let r = c
+            .get(proxy.url(&format!("/v2/team/app/blobs/{d}")))
+            .send()
+            .await
+            .unwrap();
+        r.bytes().await.unwrap();
+        proxy.wait_cached(d).await;
+    }
+    proxy.stop().await;
+    drop(up); // the upstream is gone: connections are refused from now on
+
+    let proxy = Proxy::start_at(&cfg, &root).await;
+    // Even past the TTL (so the upstream is tried and fails), the cache answers.
+    proxy.clock.advance(Duration::from_secs(3600));
+    let r = get(&proxy.url("/v2/team/app/manifests/v1"), None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
+    let r = c
+        .get(proxy.url(&format!("/v2/team/app/blobs/{}", img.layers[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap() == layer);
+    // What was never cached is an upstream error, not a 404.
+    let r = get(&proxy.url("/v2/team/app/manifests/v2"), None).await;
+    assert_eq!(r.status(), 502);
+}
