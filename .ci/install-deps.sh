@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Installs the programs the end-to-end tests drive (tests/e2e_skopeo.rs):
+# Installs the programs the end-to-end tests drive (tests/e2e_*.rs, tests/conformance.rs):
 #   docker-registry  CNCF distribution, the real upstream registry (/usr/bin/docker-registry)
 #   skopeo           the real client that pushes seed images and pulls through entrepot
+#   containerd       containerd and ctr, pulling through entrepot in mirror mode (hosts.toml)
+#   podman           podman pulling through a registries.conf mirror (path-prefix style)
+#   apache2-utils    htpasswd, for a docker-registry upstream with basic auth
+#   openssl          keys and certificates for a docker-registry behind a token service
 # Idempotent: packages already present are skipped, and `apt-get update` runs at most once,
 # only when something has to be installed. The tests start their own registry instances on
 # free ports, so the package's own service is kept from starting and never matters.
@@ -13,6 +17,10 @@ export DEBIAN_FRONTEND=noninteractive
 declare -A wanted=(
     [docker-registry]=docker-registry
     [skopeo]=skopeo
+    [containerd]=ctr
+    [podman]=podman
+    [apache2-utils]=htpasswd
+    [openssl]=openssl
 )
 
 sudo_cmd=()

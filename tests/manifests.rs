@@ -249,3 +249,61 @@ async fn restart_with_every_upstream_down_serves_cached_tags_and_blobs() {
     let r = get(&proxy.url("/v2/team/app/manifests/v2"), None).await;
     assert_eq!(r.status(), 502);
 }
+
+#[tokio::test]
+async fn manifests_over_the_size_cap_are_refused() {
+    let up = FakeRegistry::start().await;
+    let big = format!(
+        "{{\"schemaVersion\":2,\"mediaType\":\"{OCI_MANIFEST}\",\"annotations\":{{\"pad\":\"{}\"}}}}",
+        "x".repeat(20_000)
+    );
+    up.put_manifest("team/app", Some("big"), OCI_MANIFEST, big);
+    let small = up.push_image("team/app", "small", &[random_bytes(10, 8).into()]);
+    let proxy = Proxy::start_with("max_manifest_size = \"16KiB\"", &upstream_cfg(&up, "")).await;
+    let r = get(&proxy.url("/v2/team/app/manifests/big"), None).await;
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("larger than 16384 bytes"), "{body}");
+    let r = get(&proxy.url("/v2/team/app/manifests/small"), None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), small.manifest_body);
+}
+
+#[tokio::test]
+async fn mirrors_are_tried_in_order_when_the_main_url_fails() {
+    let main = FakeRegistry::start().await;
+    let mirror = FakeRegistry::start().await;
+    let img = mirror.push_image("team/app", "v1", &[random_bytes(5000, 9).into()]);
+    main.set_failure(Some(Failure::Status(503)));
+    let proxy = Proxy::start(&upstream(
+        "fake",
+        &main.url(),
+        true,
+        &format!("mirrors = [\"{}\"]", mirror.url()),
+    ))
+    .await;
+    let r = get(&proxy.url("/v2/team/app/manifests/v1"), None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
+    let r = common::client()
+        .get(proxy.url(&format!("/v2/team/app/blobs/{}", img.layers[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(main.count("GET", "/manifests/v1"), 1);
+    assert_eq!(mirror.count("GET", "/manifests/v1"), 1);
+    // Blob GETs ask for the bytes as they are: no compression on the way.
+    let blob_get = mirror
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "GET" && r.path.contains("/blobs/"))
+        .unwrap();
+    assert_eq!(blob_get.headers["accept-encoding"], "identity");
+    // A 404 from the main URL is an answer, not a failure: the mirror is not asked.
+    main.set_failure(None);
+    mirror.reset_counts();
+    let r = get(&proxy.url("/v2/team/app/manifests/absent"), None).await;
+    assert_eq!(r.status(), 404);
+    assert!(mirror.requests().is_empty());
+}

@@ -63,18 +63,28 @@ pub struct LoggedBody {
     status: u16,
     outcome: Outcome,
     bytes: u64,
+    /// The declared Content-Length: hyper stops polling once that much is sent, so the end of
+    /// the stream is never observed for such bodies.
+    expected: Option<u64>,
     complete: bool,
     failed: bool,
 }
 
 impl LoggedBody {
-    pub fn new(inner: Body, info: RequestInfo, status: u16, outcome: Outcome) -> LoggedBody {
+    pub fn new(
+        inner: Body,
+        info: RequestInfo,
+        status: u16,
+        outcome: Outcome,
+        expected: Option<u64>,
+    ) -> LoggedBody {
         LoggedBody {
             inner,
             info,
             status,
             outcome,
             bytes: 0,
+            expected,
             complete: false,
             failed: false,
         }
@@ -118,17 +128,18 @@ impl HttpBody for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        let complete = self.complete || (!self.failed && self.inner.is_end_stream());
+        let complete = !self.failed
+            && (self.complete || self.inner.is_end_stream() || self.expected == Some(self.bytes));
         let i = &self.info;
         tracing::info!(
             target: "entrepot::access",
             remote = %i.remote,
             method = %i.method,
             path = %i.path,
-            kind = i.kind.as_str(),
-            upstream = i.upstream.as_deref().unwrap_or("-"),
-            repository = i.repository.as_deref().unwrap_or("-"),
-            outcome = self.outcome.as_str(),
+            kind = %i.kind.as_str(),
+            upstream = %i.upstream.as_deref().unwrap_or("-"),
+            repository = %i.repository.as_deref().unwrap_or("-"),
+            outcome = %self.outcome.as_str(),
             status = self.status,
             bytes = self.bytes,
             complete,

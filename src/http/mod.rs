@@ -86,7 +86,12 @@ pub async fn handle<B>(
         .copied()
         .unwrap_or(Outcome::Hit);
     let status = resp.status().as_u16();
-    resp.map(|b| LoggedBody::new(b, info, status, outcome))
+    let expected = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    resp.map(|b| LoggedBody::new(b, info, status, outcome, expected))
 }
 
 async fn route<B>(

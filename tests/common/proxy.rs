@@ -28,18 +28,27 @@ pub fn upstream(name: &str, url: &str, default: bool, extra: &str) -> String {
 impl Proxy {
     /// Starts entrepot with these `[[upstream]]` tables and a fresh store.
     pub async fn start(upstreams: &str) -> Proxy {
+        Proxy::start_with("", upstreams).await
+    }
+
+    /// Starts entrepot with extra `[storage]` keys and a fresh store.
+    pub async fn start_with(storage_extra: &str, upstreams: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let mut p = Proxy::start_at(upstreams, &root).await;
+        let mut p = Proxy::start_config(storage_extra, upstreams, &root).await;
         p._dir = Some(dir);
         p
     }
 
     /// Starts entrepot on an existing store folder (a restart).
     pub async fn start_at(upstreams: &str, root: &Path) -> Proxy {
+        Proxy::start_config("", upstreams, root).await
+    }
+
+    async fn start_config(storage_extra: &str, upstreams: &str, root: &Path) -> Proxy {
         super::install_crypto();
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[storage]\nroot = \"{}\"\n{upstreams}",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[storage]\nroot = \"{}\"\n{storage_extra}\n{upstreams}",
             root.display()
         );
         let config = Config::parse(&text).expect("test config is valid");
