@@ -476,3 +476,17 @@ mod tests {
         assert_eq!(parse_size("5 bananas"), None);
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example must stay a valid, complete configuration.
+    #[test]
+    fn config_example_parses() {
+        let c = Config::parse(include_str!("../config.example.toml")).unwrap();
+        assert_eq!(c.upstreams.len(), 5);
+        assert!(c.upstreams[0].default);
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:5000");
+    }
+}
