@@ -63,6 +63,7 @@ impl Server {
                 config,
                 store: Arc::new(store),
                 upstreams,
+                manifest_flights: Default::default(),
             }),
             clock,
             tracker,

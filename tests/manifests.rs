@@ -307,3 +307,36 @@ async fn mirrors_are_tried_in_order_when_the_main_url_fails() {
     assert_eq!(r.status(), 404);
     assert!(mirror.requests().is_empty());
 }
+
+#[tokio::test]
+async fn concurrent_cold_requests_for_one_tag_cost_one_upstream_get() {
+    let up = FakeRegistry::start().await;
+    let img = up.push_image("team/app", "v1", &[random_bytes(10, 10).into()]);
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.set_blob_behavior(
+        &img.manifest,
+        BlobBehavior::Gate {
+            release: gate.clone(),
+        },
+    );
+    let proxy = Proxy::start(&upstream_cfg(&up, "")).await;
+    let url = proxy.url("/v2/team/app/manifests/v1");
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = get(&url, Some(OCI_MANIFEST)).await;
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap()
+        }));
+    }
+    while up.count("GET", "/manifests/") == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.notify_one();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), img.manifest_body);
+    }
+    assert_eq!(up.count("GET", "/manifests/"), 1);
+}

@@ -2,19 +2,21 @@
 //! Tags are answered locally within the upstream's `tag_ttl`, revalidated with an upstream HEAD
 //! after it, and served stale when the upstream is unavailable.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt, StreamExt};
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::access_log::Outcome;
 use super::body::{self, Body};
 use super::{with_outcome, AppState, Ctx};
-use crate::cache::{StoredManifest, TagEntry};
+use crate::cache::{Store, StoredManifest, TagEntry};
 use crate::error::ApiError;
-use crate::oci::{media, Digest, Hasher, Reference, Tag};
-use crate::upstream::{UpstreamError, UpstreamErrorKind, UpstreamRequest};
+use crate::oci::{media, Digest, Hasher, Reference, RepoName, Tag};
+use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
 
 pub async fn serve(
     state: &AppState,
@@ -228,24 +230,82 @@ fn is_manifest_type(t: &str) -> bool {
     !t.is_empty() && t != "application/octet-stream" && t != "text/plain"
 }
 
-/// Fetches a manifest whole (up to the size cap), verifies it (against `expected`, else against
-/// the upstream's `Docker-Content-Digest`) and stores it. Storage failure is logged and the
-/// manifest still served.
+/// Manifest fetches in flight, so concurrent requests for the same cold manifest (a whole
+/// cluster resolving one tag) cost one upstream GET. The fetch runs in whichever request polls
+/// it; if they all go away it is dropped, and the next request resumes it.
+#[derive(Default)]
+pub struct ManifestFlights {
+    map: Mutex<HashMap<String, Flight>>,
+}
+
+type Flight = Shared<BoxFuture<'static, Result<Arc<StoredManifest>, ApiError>>>;
+
+/// Fetches a manifest (joining an identical fetch in flight), verifies and stores it.
 async fn fetch(
     state: &AppState,
     ctx: &Ctx,
     reference: &str,
     expected: Option<&Digest>,
 ) -> Result<Arc<StoredManifest>, ApiError> {
-    let up = &ctx.upstream;
-    let cap = state.config.storage.max_manifest_size;
+    let accept = forwarded_accept(ctx);
+    let accept_key: Vec<&str> = accept
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let key = format!(
+        "{}\n{}\n{reference}\n{}",
+        ctx.upstream.name(),
+        ctx.repo,
+        accept_key.join(",")
+    );
+    let flight = state
+        .manifest_flights
+        .map
+        .lock()
+        .unwrap()
+        .entry(key.clone())
+        .or_insert_with(|| {
+            fetch_upstream(
+                state.store.clone(),
+                ctx.upstream.clone(),
+                ctx.repo.clone(),
+                reference.to_string(),
+                expected.cloned(),
+                accept,
+                state.config.storage.max_manifest_size,
+            )
+            .boxed()
+            .shared()
+        })
+        .clone();
+    let result = flight.clone().await;
+    let mut map = state.manifest_flights.map.lock().unwrap();
+    if map.get(&key).is_some_and(|f| f.ptr_eq(&flight)) {
+        map.remove(&key);
+    }
+    result
+}
+
+/// Fetches a manifest whole (up to the size cap), verifies it (against `expected`, else against
+/// the upstream's `Docker-Content-Digest`) and stores it. Storage failure is logged and the
+/// manifest still served.
+async fn fetch_upstream(
+    store: Arc<Store>,
+    up: Arc<Upstream>,
+    repo: RepoName,
+    reference: String,
+    expected: Option<Digest>,
+    accept: HeaderMap,
+    cap: u64,
+) -> Result<Arc<StoredManifest>, ApiError> {
     let resp = up
         .send(&UpstreamRequest {
             method: Method::GET,
-            repo: &ctx.repo,
+            repo: &repo,
             path: format!("manifests/{reference}"),
             query: None,
-            headers: forwarded_accept(ctx),
+            headers: accept,
             streaming: false,
         })
         .await?;
@@ -278,14 +338,14 @@ async fn fetch(
         body.extend_from_slice(&chunk);
     }
     let body: Bytes = body.freeze();
-    let digest = match expected.or(header_digest.as_ref()) {
+    let digest = match expected.or(header_digest) {
         Some(want) => {
             let mut h = Hasher::new(want.algorithm());
             h.update(&body);
-            if h.finish() != *want {
+            if h.finish() != want {
                 return Err(up.error(UpstreamErrorKind::DigestMismatch).into());
             }
-            want.clone()
+            want
         }
         None => Digest::sha256_of(&body),
     };
@@ -297,7 +357,7 @@ async fn fetch(
         media_type,
         body,
     });
-    if let Err(e) = state.store.put_manifest(m.clone()).await {
+    if let Err(e) = store.put_manifest(m.clone()).await {
         tracing::error!(digest = %m.digest, error = %e, "could not store manifest; serving it uncached");
     }
     Ok(m)

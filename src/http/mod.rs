@@ -26,6 +26,7 @@ pub struct AppState {
     pub config: Config,
     pub store: Arc<Store>,
     pub upstreams: Upstreams,
+    pub manifest_flights: manifests::ManifestFlights,
 }
 
 /// One proxied request after routing.
