@@ -29,6 +29,9 @@ pub enum ApiError {
     ManifestUnknown,
     #[error("repository name not known to registry")]
     NameUnknown,
+    /// `n` in `tags/list` is not a number.
+    #[error("invalid pagination parameter n")]
+    PaginationInvalid,
     #[error("requested range not satisfiable")]
     RangeNotSatisfiable { size: u64 },
     #[error(transparent)]
@@ -46,7 +49,12 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Route(RouteError::NotFound) => StatusCode::NOT_FOUND,
-            ApiError::Route(RouteError::Name(_)) => StatusCode::BAD_REQUEST,
+            // A reference that cannot be a tag names no manifest: 404, as the conformance
+            // suite and distribution answer. (Bad names and digests stay 400.)
+            ApiError::Route(RouteError::Name(NameError::Tag)) => StatusCode::NOT_FOUND,
+            ApiError::Route(RouteError::Name(_)) | ApiError::PaginationInvalid => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::NoUpstream(_) => StatusCode::NOT_FOUND,
             ApiError::Unsupported(_) | ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BlobUnknown | ApiError::ManifestUnknown | ApiError::NameUnknown => {
@@ -75,7 +83,7 @@ impl ApiError {
             ApiError::Route(RouteError::NotFound) => "NAME_UNKNOWN",
             ApiError::Route(RouteError::Name(n)) => match n {
                 NameError::Name | NameError::TooLong => "NAME_INVALID",
-                NameError::Tag => "TAG_INVALID",
+                NameError::Tag => "MANIFEST_UNKNOWN",
                 NameError::Digest(_) => "DIGEST_INVALID",
             },
             ApiError::NoUpstream(_) => "NAME_UNKNOWN",
@@ -83,6 +91,7 @@ impl ApiError {
             ApiError::BlobUnknown => "BLOB_UNKNOWN",
             ApiError::ManifestUnknown => "MANIFEST_UNKNOWN",
             ApiError::NameUnknown => "NAME_UNKNOWN",
+            ApiError::PaginationInvalid => "PAGINATION_NUMBER_INVALID",
             ApiError::RangeNotSatisfiable { .. } => "BLOB_UNKNOWN",
             ApiError::Upstream(e) => match &e.kind {
                 UpstreamErrorKind::NotFound => unknown,

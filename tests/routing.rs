@@ -133,7 +133,6 @@ async fn invalid_names_digests_and_traversal_are_400_json() {
             format!("/v2/{}/manifests/latest", "a".repeat(256)),
             "NAME_INVALID",
         ),
-        ("/v2/team/app/manifests/-latest".to_string(), "TAG_INVALID"),
         (
             "/v2/team/app/blobs/sha256:1234".to_string(),
             "DIGEST_INVALID",
@@ -165,7 +164,6 @@ async fn invalid_names_digests_and_traversal_are_400_json() {
         format!("/v2/../../etc/passwd/blobs/sha256:{zeros}"),
         format!("/v2/team/../../../blobs/sha256:{zeros}"),
         format!("/v2/%2e%2e/%2e%2e/etc/blobs/sha256:{zeros}"),
-        "/v2/team/app/manifests/..".to_string(),
         "/v2/team/app%2f..%2f..%2fetc/manifests/latest".to_string(),
     ] {
         let (status, body) = raw(&proxy, "GET", &path).await;
@@ -179,6 +177,10 @@ async fn invalid_names_digests_and_traversal_are_400_json() {
             "{path}: {body}"
         );
     }
+    // `..` as a reference cannot be a tag: an unknown manifest, not a path.
+    let (status, body) = raw(&proxy, "GET", "/v2/team/app/manifests/..").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("MANIFEST_UNKNOWN"), "{body}");
     // Not an API path at all: 404 JSON.
     let (status, body) = raw(&proxy, "GET", "/etc/passwd").await;
     assert_eq!(status, 404);
@@ -308,4 +310,28 @@ async fn referrers_are_forwarded() {
     let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(v["manifests"], serde_json::json!([]));
     assert_eq!(a.count("GET", "/referrers/"), 1);
+}
+
+#[tokio::test]
+async fn an_impossible_tag_is_an_unknown_manifest_and_never_forwarded() {
+    let (a, _b, proxy) = two_upstreams().await;
+    for path in [
+        "/v2/team/app/manifests/-latest",
+        "/v2/team/app/manifests/.INVALID_MANIFEST_NAME",
+    ] {
+        for head in [false, true] {
+            let c = common::client();
+            let r = if head {
+                c.head(proxy.url(path))
+            } else {
+                c.get(proxy.url(path))
+            };
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 404, "{path}");
+            if !head {
+                assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+            }
+        }
+    }
+    assert!(a.requests().is_empty());
 }

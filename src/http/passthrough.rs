@@ -4,6 +4,7 @@
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderValue, Method, Response};
+use http_body_util::BodyExt;
 
 use super::access_log::Outcome;
 use super::body::{self, Body};
@@ -32,14 +33,101 @@ fn forward_query(ctx: &Ctx, keep: &[&str]) -> Option<String> {
     )
 }
 
+/// `tags/list`, paginated as the spec says whatever the upstream does: an upstream that pages
+/// itself (answers with a `Link`) has its page passed on with the link rewritten; one that
+/// ignores `n` and `last` (distribution 2.x) has its list sorted, cut after `last` and to `n`
+/// here, with our own `Link` to the next page. `name` is the name the client asked for.
 pub async fn tags_list(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+    let params: Vec<(String, String)> = ctx
+        .query
+        .as_deref()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let n: Option<usize> = match param("n") {
+        Some(v) => Some(v.parse().map_err(|_| ApiError::PaginationInvalid)?),
+        None => None,
+    };
+    let last = param("last");
     let query = forward_query(ctx, &["n", "last"]);
-    forward(ctx, "tags/list".to_string(), query, |name, value| {
+    let resp = forward(ctx, "tags/list".to_string(), query, |name, value| {
         (name == header::LINK)
             .then(|| rewrite_link(ctx, value))
             .flatten()
     })
-    .await
+    .await?;
+    if ctx.head || resp.status() != http::StatusCode::OK {
+        return Ok(resp);
+    }
+    let upstream_paged = resp.headers().contains_key(header::LINK);
+    let (mut parts, body) = resp.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| ApiError::internal(format!("reading tag list: {e}")))?
+        .to_bytes();
+    #[derive(serde::Deserialize)]
+    struct TagList {
+        tags: Option<Vec<String>>,
+    }
+    let list: TagList = serde_json::from_slice(&bytes).map_err(|_| {
+        ApiError::from(
+            ctx.upstream
+                .error(UpstreamErrorKind::Protocol("tag list is not valid JSON")),
+        )
+    })?;
+    let mut tags = list.tags.unwrap_or_default();
+    if !upstream_paged {
+        tags.sort();
+        tags.dedup();
+        if let Some(last) = &last {
+            tags.retain(|t| t > last);
+        }
+        if let Some(n) = n {
+            if tags.len() > n {
+                tags.truncate(n);
+                if let Some(next_last) = tags.last() {
+                    let link = own_link(ctx, n, next_last);
+                    if let Ok(v) = HeaderValue::from_str(&link) {
+                        parts.headers.insert(header::LINK, v);
+                    }
+                }
+            }
+        }
+    }
+    let json = serde_json::json!({ "name": ctx.client_name.as_str(), "tags": tags }).to_string();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, json.len().into());
+    Ok(Response::from_parts(parts, body::full(json)))
+}
+
+/// Our own next-page link, under the name the client used.
+fn own_link(ctx: &Ctx, n: usize, last: &str) -> String {
+    let mut ser = url::form_urlencoded::Serializer::new(String::new());
+    ser.append_pair("n", &n.to_string());
+    ser.append_pair("last", last);
+    if let Some(ns) = &ctx.ns {
+        ser.append_pair("ns", ns);
+    }
+    format!(
+        "</v2/{}/tags/list?{}>; rel=\"next\"",
+        ctx.client_name,
+        ser.finish()
+    )
 }
 
 pub async fn referrers(ctx: &Ctx, digest: &Digest) -> Result<Response<Body>, ApiError> {

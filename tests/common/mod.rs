@@ -2,7 +2,10 @@
 //! programs for end-to-end runs (`real`), and small utilities.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
+pub mod auth_e2e;
+pub mod clients;
 pub mod fake_registry;
+pub mod oci_e2e;
 pub mod proxy;
 pub mod real;
 
