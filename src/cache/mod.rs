@@ -10,16 +10,17 @@
 
 pub mod fill;
 pub mod manifests;
+mod mapped;
 pub mod read;
 pub mod tags;
 mod temp;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,10 +30,14 @@ pub use fill::{Fill, FillError, FillSource, Progress};
 pub use manifests::StoredManifest;
 pub use tags::{TagEntry, TagIndex};
 
+/// How many blob mappings to keep. Mappings cost address space, not memory: their pages are
+/// the page cache's.
+const MAPPED_BLOBS: u64 = 4096;
+
 /// What the store has for a blob digest.
 pub enum BlobState {
-    /// Complete and verified on disk.
-    Hit { file: Arc<File>, size: u64 },
+    /// Complete and verified on disk; `data` is the whole blob, mapped.
+    Hit { data: Bytes },
     /// Being filled; `joined` says whether this request found it running (`false`: it started
     /// it).
     Fill { fill: Arc<Fill>, joined: bool },
@@ -47,6 +52,8 @@ pub struct Store {
     tracker: TaskTracker,
     cancel: CancellationToken,
     manifest_cache: moka::sync::Cache<Digest, Arc<StoredManifest>>,
+    /// Mappings of recently served blobs, so a hit costs no system call.
+    mapped: moka::sync::Cache<Digest, Bytes>,
     pub tags: TagIndex,
 }
 
@@ -85,6 +92,7 @@ impl Store {
                 .weigher(|_, m: &Arc<StoredManifest>| m.body.len().try_into().unwrap_or(u32::MAX))
                 .max_capacity(64 << 20)
                 .build(),
+            mapped: moka::sync::Cache::new(MAPPED_BLOBS),
         })
     }
 
@@ -118,18 +126,23 @@ impl Store {
         digest: &Digest,
         source: Option<FillSource>,
     ) -> io::Result<BlobState> {
+        // A stored blob never changes, so a mapping in the cache is always good.
+        if let Some(data) = self.mapped.get(digest) {
+            return Ok(BlobState::Hit { data });
+        }
         let path = self.blob_path(digest);
         loop {
             if let Some(fill) = self.fill_in_progress(digest) {
                 return Ok(BlobState::Fill { fill, joined: true });
             }
-            match tokio::fs::File::open(&path).await {
-                Ok(f) => {
-                    let size = f.metadata().await?.len();
-                    return Ok(BlobState::Hit {
-                        file: Arc::new(f.into_std().await),
-                        size,
-                    });
+            let p = path.clone();
+            match tokio::task::spawn_blocking(move || mapped::map_file(&p))
+                .await
+                .map_err(io::Error::other)?
+            {
+                Ok(data) => {
+                    self.mapped.insert(digest.clone(), data.clone());
+                    return Ok(BlobState::Hit { data });
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),

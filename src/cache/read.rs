@@ -43,23 +43,16 @@ pub async fn read_at(file: Arc<File>, pos: u64, len: u64) -> io::Result<Bytes> {
     .map_err(io::Error::other)?
 }
 
-/// The bytes `start..end` of a complete file.
-pub fn file_range(
-    file: Arc<File>,
-    start: u64,
-    end: u64,
-) -> impl Stream<Item = Result<Bytes, BoxError>> + Send {
-    futures_util::stream::try_unfold(start, move |pos| {
-        let file = file.clone();
-        async move {
-            if pos >= end {
-                return Ok(None);
-            }
-            let n = (end - pos).min(CHUNK);
-            let bytes = read_at(file, pos, n).await?;
-            Ok::<_, BoxError>(Some((bytes, pos + n)))
-        }
-    })
+/// How much of a mapped blob goes into one body frame: large enough for few wake-ups, small
+/// enough that many clients share a connection's worth of socket buffer fairly.
+const SLICE: usize = 1 << 20;
+
+/// A mapped blob (or a range of it) as body frames: slices, no copies.
+pub fn slices(data: Bytes) -> impl Stream<Item = Result<Bytes, BoxError>> + Send {
+    let n = data.len().div_ceil(SLICE);
+    futures_util::stream::iter(
+        (0..n).map(move |i| Ok(data.slice(i * SLICE..((i + 1) * SLICE).min(data.len())))),
+    )
 }
 
 struct Follower {

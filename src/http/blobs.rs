@@ -36,9 +36,9 @@ pub async fn serve(
         .await
         .map_err(ApiError::internal)?;
     match found {
-        BlobState::Hit { file, size } => {
-            let r = respond(&digest, size, range, ctx.head, |start, end| {
-                body::stream(read::file_range(file, start, end))
+        BlobState::Hit { data } => {
+            let r = respond(&digest, data.len() as u64, range, ctx.head, |start, end| {
+                body::stream(read::slices(data.slice(start as usize..end as usize)))
             })?;
             Ok(with_outcome(r, Outcome::Hit))
         }
