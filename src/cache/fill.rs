@@ -181,8 +181,8 @@ async fn fill_blob(
     });
 
     let mut stream = resp.bytes_stream();
-    let mut hasher = Some(Hasher::new(digest.algorithm()));
-    let mut written: u64 = 0;
+    let mut writer = BatchWriter::new(file.clone(), digest.algorithm());
+    let mut submitted: u64 = 0;
     let mut eof = false;
     while !eof {
         let mut buf = BytesMut::new();
@@ -205,36 +205,20 @@ async fn fill_blob(
                 None => break,
             }
         }
-        let n = buf.len() as u64;
-        if total.is_some_and(|t| written + n > t) {
+        submitted += buf.len() as u64;
+        if total.is_some_and(|t| submitted > t) {
             return Err(up
                 .error(UpstreamErrorKind::Protocol(
                     "blob longer than its Content-Length",
                 ))
                 .into());
         }
-        let mut h = hasher.take().expect("hasher is put back after every batch");
-        let f = file.clone();
-        let (h, res) = tokio::task::spawn_blocking(move || {
-            h.update(&buf);
-            let res = io::Write::write_all(&mut &*f, &buf);
-            (h, res)
-        })
-        .await
-        .map_err(|e| storage_error(io::Error::other(e)))?;
-        res.map_err(storage_error)?;
-        hasher = Some(h);
-        written += n;
-        tx.send_modify(|p| {
-            if let Progress::Streaming { written: w, .. } = p {
-                *w = written;
-            }
-        });
+        writer.submit(buf, tx).await?;
     }
+    let (written, actual) = writer.finish(tx).await?;
     if total.is_some_and(|t| t != written) {
         return Err(up.error(UpstreamErrorKind::Truncated).into());
     }
-    let actual = hasher.take().expect("hasher present").finish();
     if &actual != digest {
         return Err(up.error(UpstreamErrorKind::DigestMismatch).into());
     }
@@ -248,4 +232,68 @@ async fn fill_blob(
         tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
     }
     Ok(written)
+}
+
+/// Hashes and writes batches on the blocking pool with one batch in flight, so the next batch
+/// downloads while the previous one is hashed and written. Memory stays bounded at two batches.
+struct BatchWriter {
+    file: Arc<File>,
+    hasher: Option<Hasher>,
+    inflight: Option<(u64, tokio::task::JoinHandle<(Hasher, io::Result<()>)>)>,
+    written: u64,
+}
+
+impl BatchWriter {
+    fn new(file: Arc<File>, algorithm: crate::oci::Algorithm) -> BatchWriter {
+        BatchWriter {
+            file,
+            hasher: Some(Hasher::new(algorithm)),
+            inflight: None,
+            written: 0,
+        }
+    }
+
+    /// Waits for the batch in flight and tells followers its bytes are readable.
+    async fn settle(&mut self, tx: &watch::Sender<Progress>) -> Result<(), FillError> {
+        if let Some((n, task)) = self.inflight.take() {
+            let (hasher, res) = task.await.map_err(|e| storage_error(io::Error::other(e)))?;
+            res.map_err(storage_error)?;
+            self.hasher = Some(hasher);
+            self.written += n;
+            let written = self.written;
+            tx.send_modify(|p| {
+                if let Progress::Streaming { written: w, .. } = p {
+                    *w = written;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn submit(
+        &mut self,
+        buf: BytesMut,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<(), FillError> {
+        self.settle(tx).await?;
+        let mut hasher = self.hasher.take().expect("hasher is back after settle");
+        let file = self.file.clone();
+        let n = buf.len() as u64;
+        self.inflight = Some((
+            n,
+            tokio::task::spawn_blocking(move || {
+                hasher.update(&buf);
+                let res = io::Write::write_all(&mut &*file, &buf);
+                (hasher, res)
+            }),
+        ));
+        Ok(())
+    }
+
+    /// All bytes written: their count and digest.
+    async fn finish(mut self, tx: &watch::Sender<Progress>) -> Result<(u64, Digest), FillError> {
+        self.settle(tx).await?;
+        let hasher = self.hasher.take().expect("hasher is back after settle");
+        Ok((self.written, hasher.finish()))
+    }
 }
