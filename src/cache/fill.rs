@@ -234,12 +234,16 @@ async fn fill_blob(
     Ok(written)
 }
 
+type InflightBatch = tokio::task::JoinHandle<(Hasher, io::Result<()>)>;
+
 /// Hashes and writes batches on the blocking pool with one batch in flight, so the next batch
 /// downloads while the previous one is hashed and written. Memory stays bounded at two batches.
 struct BatchWriter {
     file: Arc<File>,
     hasher: Option<Hasher>,
-    inflight: Option<(u64, tokio::task::JoinHandle<(Hasher, io::Result<()>)>)>,
+    /// The batch being hashed and written: its length and the task (which hands the hasher
+    /// back).
+    inflight: Option<(u64, InflightBatch)>,
     written: u64,
 }
 
