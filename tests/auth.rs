@@ -7,7 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::fake_registry::FakeRegistry;
-use common::proxy::{random_bytes, upstream, Proxy};
+use common::proxy::Proxy;
+use common::{random_bytes, upstream};
 
 async fn pull(proxy: &Proxy, repo: &str, tag: &str) -> reqwest::StatusCode {
     let c = common::client();
@@ -20,7 +21,7 @@ async fn pull(proxy: &Proxy, repo: &str, tag: &str) -> reqwest::StatusCode {
     if status != 200 {
         return status;
     }
-    let m: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let m = common::json(r).await;
     for l in m["layers"].as_array().unwrap() {
         let d = l["digest"].as_str().unwrap();
         let r = c
@@ -103,11 +104,7 @@ async fn credentials_go_to_the_token_endpoint() {
         "username = \"robot\"\npassword = \"wrong\"",
     ))
     .await;
-    let r = common::client()
-        .get(bad.url("/v2/private/app/manifests/v1"))
-        .send()
-        .await
-        .unwrap();
+    let r = bad.get("/v2/private/app/manifests/v1").await;
     assert_eq!(r.status(), 403);
     let body = r.text().await.unwrap();
     assert!(

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake_registry::{BlobBehavior, FakeRegistry};
-use common::proxy::{random_bytes, upstream, Proxy};
+use common::proxy::Proxy;
+use common::{random_bytes, sha256_digest, upstream};
 use futures_util::StreamExt;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{Barrier, Notify};
 
 const MIB: usize = 1 << 20;
@@ -20,8 +20,9 @@ async fn setup() -> (FakeRegistry, Proxy) {
     (up, proxy)
 }
 
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+/// `GET url` with `Range: range`.
+async fn get_range(c: &reqwest::Client, url: &str, range: &str) -> reqwest::Response {
+    c.get(url).header("Range", range).send().await.unwrap()
 }
 
 /// Reads a whole body, or reports that the transfer broke.
@@ -47,11 +48,7 @@ async fn client_disconnect_after_1mib_leaves_the_blob_cached_and_verified() {
             delay: Duration::from_millis(15),
         },
     );
-    let resp = common::client()
-        .get(proxy.url(&format!("/v2/team/app/blobs/{digest}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get(&format!("/v2/team/app/blobs/{digest}")).await;
     assert_eq!(resp.status(), 200);
     let mut got = 0;
     let mut s = resp.bytes_stream();
@@ -61,16 +58,14 @@ async fn client_disconnect_after_1mib_leaves_the_blob_cached_and_verified() {
     drop(s); // the client disconnects mid-transfer
     let stored = proxy.wait_cached(&digest).await;
     assert_eq!(stored.len(), data.len());
-    assert_eq!(sha256(&stored), digest);
+    assert_eq!(sha256_digest(&stored), digest);
     assert_eq!(up.count("GET", "/blobs/"), 1);
     assert!(proxy.tmp_entries().is_empty(), "{:?}", proxy.tmp_entries());
 
     // And the next client is served from the store without asking the upstream.
-    let body = common::client()
-        .get(proxy.url(&format!("/v2/team/app/blobs/{digest}")))
-        .send()
+    let body = proxy
+        .get(&format!("/v2/team/app/blobs/{digest}"))
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
@@ -115,7 +110,7 @@ async fn sixteen_concurrent_cold_clients_cost_one_upstream_get() {
         assert!(body == data, "a client got wrong bytes");
     }
     assert_eq!(up.count("GET", "/blobs/"), 1);
-    assert_eq!(sha256(&proxy.wait_cached(&digest).await), digest);
+    assert_eq!(sha256_digest(&proxy.wait_cached(&digest).await), digest);
 }
 
 async fn assert_bad_upstream_not_cached(behavior: BlobBehavior) {
@@ -123,11 +118,7 @@ async fn assert_bad_upstream_not_cached(behavior: BlobBehavior) {
     let data = random_bytes(3 * MIB, 3);
     let digest = up.add_blob(data.clone());
     up.set_blob_behavior(&digest, behavior);
-    let resp = common::client()
-        .get(proxy.url(&format!("/v2/team/app/blobs/{digest}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get(&format!("/v2/team/app/blobs/{digest}")).await;
     // Headers may already be out (200); the body must then end with an error, never cleanly.
     if resp.status() == 200 {
         let r = read_body(resp).await;
@@ -140,11 +131,9 @@ async fn assert_bad_upstream_not_cached(behavior: BlobBehavior) {
     assert!(proxy.tmp_entries().is_empty(), "{:?}", proxy.tmp_entries());
     // Nothing cached: the next request goes upstream again (and succeeds once it is healthy).
     up.set_blob_behavior(&digest, BlobBehavior::Normal);
-    let body = common::client()
-        .get(proxy.url(&format!("/v2/team/app/blobs/{digest}")))
-        .send()
+    let body = proxy
+        .get(&format!("/v2/team/app/blobs/{digest}"))
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
@@ -172,54 +161,29 @@ async fn ranges_on_a_hit() {
     c.get(&url).send().await.unwrap().bytes().await.unwrap();
     proxy.wait_cached(&digest).await;
 
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=10-19")
-        .send()
-        .await
-        .unwrap();
+    let r = get_range(&c, &url, "bytes=10-19").await;
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
     assert_eq!(r.headers()["content-length"], "10");
     assert_eq!(r.bytes().await.unwrap(), &data[10..20]);
 
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=-5")
-        .send()
-        .await
-        .unwrap();
+    let r = get_range(&c, &url, "bytes=-5").await;
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 99995-99999/100000");
     assert_eq!(r.bytes().await.unwrap(), &data[99_995..]);
 
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=99990-")
-        .send()
-        .await
-        .unwrap();
+    let r = get_range(&c, &url, "bytes=99990-").await;
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap(), &data[99_990..]);
 
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=100000-")
-        .send()
-        .await
-        .unwrap();
+    let r = get_range(&c, &url, "bytes=100000-").await;
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */100000");
-    let body: serde_json::Value = r.json_body().await;
+    let body = common::json(r).await;
     assert!(body["errors"][0]["code"].is_string());
 
     // A multi-range request is answered with the whole blob.
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=0-1,5-6")
-        .send()
-        .await
-        .unwrap();
+    let r = get_range(&c, &url, "bytes=0-1,5-6").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["accept-ranges"], "bytes");
     assert_eq!(up.count("GET", "/blobs/"), 1);
@@ -247,12 +211,7 @@ async fn ranges_while_the_fill_is_in_progress() {
     let first = tokio::spawn(read_body(first));
 
     // Bytes already written are served at once.
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=100-199")
-        .send()
-        .await
-        .unwrap();
+    let r = get_range(&c, &url, "bytes=100-199").await;
     assert_eq!(r.status(), 206);
     assert_eq!(
         r.headers()["content-range"],
@@ -261,22 +220,12 @@ async fn ranges_while_the_fill_is_in_progress() {
     assert_eq!(r.bytes().await.unwrap(), &data[100..200]);
 
     // Beyond the end: 416 now, without waiting for the fill.
-    let r = c
-        .get(&url)
-        .header("Range", format!("bytes={size}-"))
-        .send()
-        .await
-        .unwrap();
+    let r = get_range(&c, &url, &format!("bytes={size}-")).await;
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], format!("bytes */{size}"));
 
     // A range past what is written waits for the writer.
-    let tail = c
-        .get(&url)
-        .header("Range", format!("bytes={}-", size - 10))
-        .send()
-        .await
-        .unwrap();
+    let tail = get_range(&c, &url, &format!("bytes={}-", size - 10)).await;
     assert_eq!(tail.status(), 206);
     let tail = tokio::spawn(read_body(tail));
     release.notify_one();
@@ -338,11 +287,7 @@ async fn head_of_an_uncached_blob_asks_upstream_with_head_and_fetches_nothing() 
     let (up, proxy) = setup().await;
     let data = random_bytes(70_000, 7);
     let digest = up.add_blob(data);
-    let r = common::client()
-        .head(proxy.url(&format!("/v2/team/app/blobs/{digest}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.head(&format!("/v2/team/app/blobs/{digest}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], "70000");
     assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
@@ -351,11 +296,7 @@ async fn head_of_an_uncached_blob_asks_upstream_with_head_and_fetches_nothing() 
     assert!(!proxy.blob_path(&digest).exists());
 
     let unknown = format!("sha256:{}", "1".repeat(64));
-    let r = common::client()
-        .head(proxy.url(&format!("/v2/team/app/blobs/{unknown}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.head(&format!("/v2/team/app/blobs/{unknown}")).await;
     assert_eq!(r.status(), 404);
 }
 
@@ -375,12 +316,7 @@ async fn unwritable_store_serves_straight_from_upstream() {
         assert_eq!(r.headers()["content-length"], "600000");
         assert!(r.bytes().await.unwrap() == data);
     }
-    let r = common::client()
-        .get(&url)
-        .header("Range", "bytes=5-9")
-        .send()
-        .await
-        .unwrap();
+    let r = get_range(&common::client(), &url, "bytes=5-9").await;
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap(), &data[5..10]);
     assert!(!proxy.blob_path(&digest).exists());
@@ -397,14 +333,4 @@ async fn leftover_temp_files_are_swept_at_start_up() {
     let proxy = Proxy::start_at(&upstream("fake", &up.url(), true, ""), &root).await;
     assert!(proxy.tmp_entries().is_empty());
     proxy.stop().await;
-}
-
-trait JsonBody {
-    async fn json_body(self) -> serde_json::Value;
-}
-
-impl JsonBody for reqwest::Response {
-    async fn json_body(self) -> serde_json::Value {
-        serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
-    }
 }

@@ -8,8 +8,9 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use common::fake_registry::{FakeRegistry, OCI_MANIFEST};
-use common::proxy::{random_bytes, upstream, Proxy};
+use common::fake_registry::FakeRegistry;
+use common::proxy::Proxy;
+use common::{random_bytes, upstream, OCI_MANIFEST};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -28,37 +29,34 @@ async fn relay_to(target: String) -> Relay {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let client = common::client_no_redirect();
     let s = seen.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (client, target, seen) = (client.clone(), target.clone(), s.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (client, target, seen) = (client.clone(), target.clone(), seen.clone());
-                    async move {
-                        let pq = req.uri().path_and_query().unwrap().to_string();
-                        seen.lock().unwrap().push(format!("{} {pq}", req.method()));
-                        let mut fwd = client.request(req.method().clone(), format!("{target}{pq}"));
-                        for (k, v) in req.headers() {
-                            if k != "host" {
-                                fwd = fwd.header(k, v);
-                            }
+    let task = tokio::spawn(common::serve_connections(listener, move |stream| {
+        let (client, target, seen) = (client.clone(), target.clone(), s.clone());
+        async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (client, target, seen) = (client.clone(), target.clone(), seen.clone());
+                async move {
+                    let pq = req.uri().path_and_query().unwrap().to_string();
+                    seen.lock().unwrap().push(format!("{} {pq}", req.method()));
+                    let mut fwd = client.request(req.method().clone(), format!("{target}{pq}"));
+                    for (k, v) in req.headers() {
+                        if k != "host" {
+                            fwd = fwd.header(k, v);
                         }
-                        let resp = fwd.send().await.unwrap();
-                        let mut out = hyper::Response::builder().status(resp.status());
-                        for (k, v) in resp.headers() {
-                            out = out.header(k, v);
-                        }
-                        let body = resp.bytes().await.unwrap();
-                        Ok::<_, Infallible>(out.body(Full::new(body)).unwrap())
                     }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                    let resp = fwd.send().await.unwrap();
+                    let mut out = hyper::Response::builder().status(resp.status());
+                    for (k, v) in resp.headers() {
+                        out = out.header(k, v);
+                    }
+                    let body = resp.bytes().await.unwrap();
+                    Ok::<_, Infallible>(out.body(Full::new(body)).unwrap())
+                }
             });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         }
-    });
+    }));
     Relay {
         url,
         seen,

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::fake_registry::FakeRegistry;
-use common::proxy::random_bytes;
+use common::random_bytes;
 
 const BIN: &str = env!("CARGO_BIN_EXE_entrepot");
 

@@ -13,13 +13,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use anyhow::{ensure, Context, Result};
-use common::oci_e2e::{send, skopeo_copy_with, Reply, Report, OCI_INDEX};
-use common::real::{
-    require_program, sha256_digest, DockerRegistry, Entrepot, SeedImage, OCI_MANIFEST,
-};
+use common::oci_e2e::{send, Reply, Report};
+use common::real::{require_programs, skopeo_copy, DockerRegistry, Entrepot, SeedImage, TAG_TTL};
+use common::{sha256_digest, upstream, OCI_INDEX, OCI_MANIFEST};
 use reqwest::Method;
 
 /// The configured name of the upstream, used as the path prefix.
@@ -62,21 +59,14 @@ impl Env {
         let layout = work.path().join("seed");
         image.write_layout(&layout, "seed")?;
         for tag in tags {
-            skopeo_copy_with(
-                work.path(),
-                &[],
-                &[],
+            skopeo_copy(
                 &format!("oci:{}:seed", layout.display()),
                 &format!("docker://{}/{REPO}:{tag}", registry.host()),
             )
             .await?;
         }
-        let upstreams = format!(
-            "[[upstream]]\nname = \"{UPSTREAM}\"\nurl = \"{}\"\ndefault = true\ntag_ttl = \"5m\"\n",
-            registry.url()
-        );
-        let bin = Path::new(env!("CARGO_BIN_EXE_entrepot"));
-        let entrepot = Entrepot::start(bin, work.path(), &upstreams).await?;
+        let upstreams = upstream(UPSTREAM, &registry.url(), true, TAG_TTL);
+        let entrepot = Entrepot::start(work.path(), &upstreams).await?;
         Ok(Self {
             entrepot,
             registry,
@@ -124,8 +114,7 @@ impl Env {
 
 /// Starts the environment, or fails the test with the reason.
 async fn start(tags: &[&str]) -> Env {
-    require_program("docker-registry");
-    require_program("skopeo");
+    require_programs(&["docker-registry", "skopeo"]);
     Env::start(tags)
         .await
         .unwrap_or_else(|e| panic!("starting docker-registry + entrepot: {e:#}"))

@@ -14,14 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::auth_e2e::{
-    entrepot_statuses, oci_errors, skopeo_copy_creds, AuthRegistry, RegistryAuth, TokenOutcome,
-    TokenPolicy, TokenRequest, TokenService,
-};
+use common::auth_e2e::{htpasswd_auth, TokenOutcome, TokenPolicy, TokenRequest, TokenService};
 use common::real::{
-    file_digest, read_layout, require_program, sha256_digest, skopeo_copy, Entrepot, SeedImage,
-    OCI_MANIFEST,
+    require_programs, run_scenario, within, DockerRegistry, Entrepot, SeedImage, SkopeoCopy,
+    TAG_TTL,
 };
+use common::{base64_encode, oci_errors, sha256_digest, upstream, OCI_MANIFEST};
 
 const USER: &str = "e2e-user";
 const PASS: &str = "right-Pa55word";
@@ -36,21 +34,15 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(150);
 
 const UPSTREAM: &str = "secure.test";
 
-fn entrepot_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_entrepot"))
-}
-
-fn require_programs() {
-    for p in ["docker-registry", "skopeo", "htpasswd", "openssl"] {
-        require_program(p);
-    }
-}
+const PROGRAMS: &[&str] = &["docker-registry", "skopeo", "htpasswd", "openssl"];
 
 /// One `[[upstream]]` table for the registry, the default for bare names.
 fn upstream_toml(url: &str, auth: &str) -> String {
-    format!(
-        "[[upstream]]\nname = \"{UPSTREAM}\"\nurl = \"{url}\"\ndefault = true\ntag_ttl = \"5m\"\n\
-         request_timeout = \"10s\"\n{auth}"
+    upstream(
+        UPSTREAM,
+        url,
+        true,
+        &format!("{TAG_TTL}\nrequest_timeout = \"10s\"\n{auth}"),
     )
 }
 
@@ -58,90 +50,15 @@ fn upstream_toml(url: &str, auth: &str) -> String {
 async fn start_entrepot(work: &Path, label: &str, upstreams: &str) -> Result<Entrepot> {
     let dir = work.join(format!("entrepot-{label}"));
     std::fs::create_dir_all(&dir)?;
-    Entrepot::start(entrepot_bin(), &dir, upstreams)
+    Entrepot::start(&dir, upstreams)
         .await
         .with_context(|| format!("starting entrepot {label}"))
 }
 
 /// Pushes `image` as `reference` (`repo:tag`) to the registry at `host`, with credentials.
 async fn seed(work: &Path, image: &SeedImage, host: &str, reference: &str) -> Result<()> {
-    let (repo, tag) = reference
-        .rsplit_once(':')
-        .context("reference needs a tag")?;
-    let layout = work.join(format!("seed-{}", repo.replace('/', "-")));
-    image.write_layout(&layout, tag)?;
     let creds = format!("{USER}:{PASS}");
-    let run = skopeo_copy_creds(
-        &format!("oci:{}:{tag}", layout.display()),
-        &format!("docker://{host}/{reference}"),
-        None,
-        Some(&creds),
-        Duration::from_secs(60),
-    )
-    .await?;
-    ensure!(
-        run.success,
-        "seeding {reference} to {host} failed:\n{}",
-        run.output
-    );
-    Ok(())
-}
-
-/// Pulls `reference` through entrepot with skopeo into a fresh OCI layout and checks it is the
-/// seeded image, blob for blob, and that entrepot's store holds a verified copy of each blob.
-async fn pull_and_check(
-    entrepot: &Entrepot,
-    work: &Path,
-    label: &str,
-    reference: &str,
-    expected: &SeedImage,
-) -> Result<()> {
-    let out = work.join(format!("pull-{label}"));
-    let source = format!("docker://{}/{reference}", entrepot.host());
-    skopeo_copy(&source, &format!("oci:{}:x", out.display()))
-        .await
-        .with_context(|| format!("{label}: pulling {source}"))?;
-    let pulled = read_layout(&out, "x").with_context(|| format!("{label}: pulled layout"))?;
-    ensure!(
-        pulled.manifest_digest == expected.manifest.digest,
-        "{label}: pulled manifest {} but seeded {}",
-        pulled.manifest_digest,
-        expected.manifest.digest
-    );
-    ensure!(
-        pulled.blob_digests == expected.blob_digests(),
-        "{label}: pulled blobs {:?} but seeded {:?}",
-        pulled.blob_digests,
-        expected.blob_digests()
-    );
-    let digests: Vec<&String> = std::iter::once(&expected.manifest.digest)
-        .chain(&pulled.blob_digests)
-        .collect();
-    check_stored(entrepot, label, &digests).await
-}
-
-/// Every digest is in entrepot's store and hashes to its name. Fills are detached from the
-/// response, so the commit may land just after the client saw the last byte: poll briefly.
-async fn check_stored(entrepot: &Entrepot, label: &str, digests: &[&String]) -> Result<()> {
-    for digest in digests {
-        let path = entrepot.stored_blob(digest);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !path.is_file() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        ensure!(
-            path.is_file(),
-            "{label}: {digest} is not in entrepot's store ({} missing)",
-            path.display()
-        );
-        let actual = file_digest(&path)?;
-        ensure!(
-            &actual == *digest,
-            "{label}: store file {} hashes to {actual}",
-            path.display()
-        );
-    }
-    Ok(())
+    image.push(work, host, reference, Some(&creds)).await
 }
 
 /// `GET` on entrepot, bounded by [`REQUEST_LIMIT`]: status, body, and how long it took.
@@ -195,16 +112,15 @@ async fn expect_denied(
 ) -> Result<()> {
     let out = work.join(format!("pull-{label}"));
     let source = format!("docker://{}/{repo}:{tag}", entrepot.host());
-    let run = skopeo_copy_creds(
-        &source,
-        &format!("oci:{}:x", out.display()),
-        None,
-        None,
-        DENY_LIMIT,
-    )
-    .await?;
+    let pull = SkopeoCopy {
+        limit: DENY_LIMIT,
+        ..SkopeoCopy::default()
+    };
+    let run = pull
+        .run(&source, &format!("oci:{}:x", out.display()))
+        .await?;
     ensure!(
-        !run.success,
+        !run.success(),
         "{label}: skopeo pulled {source} although entrepot's credentials are wrong:\n{}",
         run.output
     );
@@ -274,7 +190,7 @@ async fn expect_denied(
 struct BasicEnv {
     good: Entrepot,
     bad: Entrepot,
-    registry: AuthRegistry,
+    registry: DockerRegistry,
     image: SeedImage,
     work: tempfile::TempDir,
 }
@@ -282,14 +198,8 @@ struct BasicEnv {
 impl BasicEnv {
     async fn start() -> Result<Self> {
         let work = tempfile::tempdir()?;
-        let registry = AuthRegistry::start(
-            "docker-registry-htpasswd",
-            RegistryAuth::Htpasswd {
-                user: USER,
-                pass: PASS,
-            },
-        )
-        .await?;
+        let auth = htpasswd_auth(work.path(), USER, PASS)?;
+        let registry = DockerRegistry::start_with("docker-registry-htpasswd", &auth).await?;
         let image = SeedImage::generate(&[1024 * 1024 + 3, 40_000]);
         seed(work.path(), &image, &registry.host(), "team/app:1.0").await?;
 
@@ -324,7 +234,9 @@ impl BasicEnv {
 
 async fn basic_scenario(env: &BasicEnv) -> Result<()> {
     let work = env.work.path();
-    pull_and_check(&env.good, work, "basic-good", "team/app:1.0", &env.image).await?;
+    env.good
+        .pull_and_check(work, "basic-good", "team/app:1.0", &env.image)
+        .await?;
 
     let basic_secret = base64_basic(USER, WRONG_PASS);
     expect_denied(
@@ -338,7 +250,7 @@ async fn basic_scenario(env: &BasicEnv) -> Result<()> {
     )
     .await?;
     // The registry did see entrepot try: an unauthenticated request, then the wrong password.
-    let statuses = entrepot_statuses(&env.registry.output(), "/v2/team/app/manifests/1.0");
+    let statuses = env.registry.entrepot_statuses("/v2/team/app/manifests/1.0");
     ensure!(
         statuses.get(&401).copied().unwrap_or(0) >= 2,
         "expected the registry to refuse entrepot's manifest requests, saw {statuses:?}"
@@ -347,23 +259,16 @@ async fn basic_scenario(env: &BasicEnv) -> Result<()> {
 }
 
 fn base64_basic(user: &str, pass: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    base64_encode(format!("{user}:{pass}").as_bytes())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn htpasswd_upstream_pulls_with_its_password_and_denies_a_wrong_one_promptly() {
-    require_programs();
-    let env = tokio::time::timeout(SCENARIO_LIMIT, BasicEnv::start())
-        .await
-        .unwrap_or_else(|_| panic!("starting the environment took over {SCENARIO_LIMIT:?}"))
-        .unwrap_or_else(|e| panic!("starting the environment: {e:#}"));
-    // Panic while `env` is alive, so the processes' output is printed as their guards drop.
-    match tokio::time::timeout(SCENARIO_LIMIT, basic_scenario(&env)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{e:#}"),
-        Err(_) => panic!("the scenario took over {SCENARIO_LIMIT:?}"),
-    }
+    require_programs(PROGRAMS);
+    run_scenario(within(SCENARIO_LIMIT, BasicEnv::start()), async |env| {
+        within(SCENARIO_LIMIT, basic_scenario(env)).await
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,7 +280,7 @@ const ISSUER: &str = "entrepot-e2e-issuer";
 /// Field order is drop order: processes first, while the folders with their logs still exist.
 struct TokenEnv {
     entrepots: Vec<Entrepot>,
-    registry: AuthRegistry,
+    registry: DockerRegistry,
     tokens: TokenService,
     /// `public/app:1.0`: anonymous tokens may pull it.
     public: SeedImage,
@@ -390,7 +295,7 @@ impl TokenEnv {
         let work = tempfile::tempdir()?;
         let tokens = TokenService::start(ISSUER, SERVICE, USER, PASS).await?;
         let registry =
-            AuthRegistry::start("docker-registry-token", RegistryAuth::Token(&tokens)).await?;
+            DockerRegistry::start_with("docker-registry-token", &tokens.registry_auth()).await?;
         let public = SeedImage::generate(&[512 * 1024, 3000]);
         let private = SeedImage::generate(&[300_000, 200_000, 100_000]);
         let host = registry.host();
@@ -447,14 +352,8 @@ async fn token_scenario(env: &mut TokenEnv) -> Result<()> {
     let mark = env.tokens.requests().len();
     let i = env.entrepot("anonymous", "").await?;
     let anon = &env.entrepots[i];
-    pull_and_check(
-        anon,
-        &work,
-        "bearer-anonymous",
-        "public/app:1.0",
-        &env.public,
-    )
-    .await?;
+    anon.pull_and_check(&work, "bearer-anonymous", "public/app:1.0", &env.public)
+        .await?;
     expect_denied(
         anon,
         &work,
@@ -490,8 +389,7 @@ async fn token_scenario(env: &mut TokenEnv) -> Result<()> {
     );
     let i = env.entrepot("credentialed", &auth).await?;
     let user = &env.entrepots[i];
-    pull_and_check(
-        user,
+    user.pull_and_check(
         &work,
         "bearer-credentialed",
         "private/app:1.0",
@@ -611,11 +509,10 @@ async fn expiry_case(
     for b in std::iter::once(&image.config).chain(&image.layers[1..]) {
         get_verified(entrepot, label, &blob(&b.digest), &b.digest).await?;
     }
-    let blobs = image.blob_digests();
-    let digests: Vec<&String> = std::iter::once(&image.manifest.digest)
-        .chain(&blobs)
-        .collect();
-    check_stored(entrepot, label, &digests).await?;
+    entrepot
+        .check_stored(image.all_digests())
+        .await
+        .with_context(|| format!("{label}: after the pull"))?;
 
     let issued = env.tokens.issued_to_entrepot() - issued_before;
     let refused = refused(&env.registry, blob_path) - refused_before;
@@ -643,8 +540,9 @@ async fn expiry_case(
 }
 
 /// How many of entrepot's requests for paths containing `path` the registry answered with 401.
-fn refused(registry: &AuthRegistry, path: &str) -> usize {
-    entrepot_statuses(&registry.output(), path)
+fn refused(registry: &DockerRegistry, path: &str) -> usize {
+    registry
+        .entrepot_statuses(path)
         .get(&401)
         .copied()
         .unwrap_or(0)
@@ -652,15 +550,9 @@ fn refused(registry: &AuthRegistry, path: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_service_upstream_anonymous_credentialed_expiring_and_wrong_credentials() {
-    require_programs();
-    let mut env = tokio::time::timeout(SCENARIO_LIMIT, TokenEnv::start())
-        .await
-        .unwrap_or_else(|_| panic!("starting the environment took over {SCENARIO_LIMIT:?}"))
-        .unwrap_or_else(|e| panic!("starting the environment: {e:#}"));
-    // Panic while `env` is alive, so the processes' output is printed as their guards drop.
-    match tokio::time::timeout(SCENARIO_LIMIT, token_scenario(&mut env)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{e:#}"),
-        Err(_) => panic!("the scenario took over {SCENARIO_LIMIT:?}"),
-    }
+    require_programs(PROGRAMS);
+    run_scenario(within(SCENARIO_LIMIT, TokenEnv::start()), async |env| {
+        within(SCENARIO_LIMIT, token_scenario(env)).await
+    })
+    .await;
 }

@@ -17,28 +17,21 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
-use common::clients::{
-    check_cached, registries_conf, seed, write_hosts_toml, AccessLine, Containerd, LoggedRegistry,
-    Podman, ENTREPOT_AGENT,
+use common::clients::{registries_conf, write_hosts_toml, Containerd, Podman};
+use common::real::{
+    require_programs, run_scenario, AccessLine, DockerRegistry, Entrepot, SeedImage, TAG_TTL,
 };
-use common::real::{read_layout, require_program, skopeo_copy, Entrepot, SeedImage};
+use common::upstream;
 
 /// Large enough that entrepot streams it in many chunks.
 const BIG_LAYER: usize = 2 * 1024 * 1024;
 
-fn entrepot_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_entrepot"))
-}
-
 /// Fails if any of `requests` (to an upstream) came from something other than entrepot.
 fn only_from_entrepot(label: &str, requests: &[AccessLine]) -> Result<()> {
-    let bypass: Vec<_> = requests
-        .iter()
-        .filter(|r| !r.user_agent.starts_with(ENTREPOT_AGENT))
-        .collect();
+    let bypass: Vec<_> = requests.iter().filter(|r| !r.sent_by_entrepot()).collect();
     ensure!(
         bypass.is_empty(),
         "{label}: the client went around entrepot to the upstream: {bypass:#?}"
@@ -101,8 +94,8 @@ fn no_requests(label: &str, requests: &[AccessLine]) -> Result<()> {
 /// Field order is drop order: processes first, then the folder holding their logs.
 struct ContainerdEnv {
     entrepot: Entrepot,
-    reg_a: LoggedRegistry,
-    reg_b: LoggedRegistry,
+    reg_a: DockerRegistry,
+    reg_b: DockerRegistry,
     app: SeedImage,
     tool: SeedImage,
     hosts_dir: PathBuf,
@@ -112,32 +105,19 @@ struct ContainerdEnv {
 impl ContainerdEnv {
     async fn start() -> Result<Self> {
         let work = tempfile::tempdir()?;
-        let reg_a = LoggedRegistry::start("docker-registry-a").await?;
-        let reg_b = LoggedRegistry::start("docker-registry-b").await?;
         let app = SeedImage::generate(&[BIG_LAYER, 64 * 1024, 1000]);
         let tool = SeedImage::generate(&[300 * 1024, 4096]);
-        seed(work.path(), &app, &reg_a.host(), "team/app:1.0").await?;
-        seed(work.path(), &tool, &reg_b.host(), "tools/tool:2.0").await?;
+        let reg_a =
+            DockerRegistry::seeded("docker-registry-a", work.path(), &app, "team/app:1.0").await?;
+        let reg_b =
+            DockerRegistry::seeded("docker-registry-b", work.path(), &tool, "tools/tool:2.0")
+                .await?;
 
         // Upstream names are the registry hosts containerd sends as `ns=`. There is no default
         // upstream, so a request without `ns=` would select nothing.
-        let upstreams = format!(
-            r#"[[upstream]]
-name = "{a}"
-url = "{a_url}"
-tag_ttl = "5m"
-
-[[upstream]]
-name = "{b}"
-url = "{b_url}"
-tag_ttl = "5m"
-"#,
-            a = reg_a.host(),
-            a_url = reg_a.url(),
-            b = reg_b.host(),
-            b_url = reg_b.url(),
-        );
-        let entrepot = Entrepot::start(entrepot_bin(), work.path(), &upstreams).await?;
+        let upstreams = upstream(&reg_a.host(), &reg_a.url(), false, TAG_TTL)
+            + &upstream(&reg_b.host(), &reg_b.url(), false, TAG_TTL);
+        let entrepot = Entrepot::start(work.path(), &upstreams).await?;
 
         let hosts_dir = work.path().join("certs.d");
         write_hosts_toml(&hosts_dir, &reg_a.host(), &entrepot.host())?;
@@ -167,8 +147,19 @@ tag_ttl = "5m"
         Containerd::start(&self.work.path().join(label)).await
     }
 
-    fn hosts_dir(&self) -> &str {
-        self.hosts_dir.to_str().expect("utf-8 temp path")
+    /// A fresh containerd (see [`ContainerdEnv::containerd`]) that has run
+    /// `ctr <command> --hosts-dir <hosts> <reference>` for both images.
+    async fn both(&self, label: &str, command: &[&str]) -> Result<Containerd> {
+        let containerd = self.containerd(&format!("containerd-{label}")).await?;
+        let hosts_dir = self.hosts_dir.to_str().expect("utf-8 temp path");
+        for reference in [self.app_ref(), self.tool_ref()] {
+            let args = [command, &["--hosts-dir", hosts_dir, &reference]].concat();
+            containerd
+                .ctr(&args)
+                .await
+                .with_context(|| format!("{label}: ctr {} {reference}", command.join(" ")))?;
+        }
+        Ok(containerd)
     }
 
     /// Checks that `containerd` holds every blob of both images.
@@ -193,43 +184,22 @@ async fn containerd_scenario(env: &mut ContainerdEnv) -> Result<()> {
 
     // Cold: `ctr content fetch` resolves the tag (HEAD) and fetches manifest and blobs, all
     // through entrepot, which fetches each once from the upstream named by `ns=`.
-    let cold = env.containerd("containerd-cold").await?;
-    for reference in [env.app_ref(), env.tool_ref()] {
-        cold.ctr(&[
-            "content",
-            "fetch",
-            "--hosts-dir",
-            env.hosts_dir(),
-            &reference,
-        ])
-        .await
-        .with_context(|| format!("cold fetch of {reference}"))?;
-    }
+    let cold = env.both("cold", &["content", "fetch"]).await?;
     let cold_a = env.reg_a.requests_since(seeded_a);
     let cold_b = env.reg_b.requests_since(seeded_b);
     fetched_through_entrepot("cold reg-a", &cold_a, "team/app", "1.0", &env.app)?;
     fetched_through_entrepot("cold reg-b", &cold_b, "tools/tool", "2.0", &env.tool)?;
     env.check_content("cold", &cold).await?;
-    check_cached(&env.entrepot, &env.app).context("cold: app")?;
-    check_cached(&env.entrepot, &env.tool).context("cold: tool")?;
+    let cached = |image: &SeedImage| env.entrepot.check_stored(image.all_digests());
+    cached(&env.app).await.context("cold: app")?;
+    cached(&env.tool).await.context("cold: tool")?;
     drop(cold);
 
     // Warm, fresh containerd, the full `ctr images pull` (fetch + unpack into the native
     // snapshotter): entrepot answers the tag within its TTL and every blob from its store.
-    let warm = env.containerd("containerd-warm").await?;
-    for reference in [env.app_ref(), env.tool_ref()] {
-        warm.ctr(&[
-            "images",
-            "pull",
-            "--snapshotter",
-            "native",
-            "--hosts-dir",
-            env.hosts_dir(),
-            &reference,
-        ])
-        .await
-        .with_context(|| format!("warm pull of {reference}"))?;
-    }
+    let warm = env
+        .both("warm", &["images", "pull", "--snapshotter", "native"])
+        .await?;
     env.check_content("warm", &warm).await?;
     no_requests(
         "warm reg-a",
@@ -245,35 +215,15 @@ async fn containerd_scenario(env: &mut ContainerdEnv) -> Result<()> {
     // entrepot can answer.
     env.reg_a.stop();
     env.reg_b.stop();
-    let offline = env.containerd("containerd-offline").await?;
-    for reference in [env.app_ref(), env.tool_ref()] {
-        offline
-            .ctr(&[
-                "content",
-                "fetch",
-                "--hosts-dir",
-                env.hosts_dir(),
-                &reference,
-            ])
-            .await
-            .with_context(|| format!("fetch of {reference} with the upstreams down"))?;
-    }
+    let offline = env.both("offline", &["content", "fetch"]).await?;
     env.check_content("offline", &offline).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_two_registries_through_hosts_toml_mirror() {
-    for program in ["docker-registry", "skopeo", "containerd", "ctr"] {
-        require_program(program);
-    }
-    let mut env = ContainerdEnv::start()
-        .await
-        .unwrap_or_else(|e| panic!("starting the environment: {e:#}"));
-    // Panic while `env` is alive, so the processes' output is printed as their guards drop.
-    if let Err(e) = containerd_scenario(&mut env).await {
-        panic!("{e:#}");
-    }
+    require_programs(&["docker-registry", "skopeo", "containerd", "ctr"]);
+    run_scenario(ContainerdEnv::start(), containerd_scenario).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,7 +231,7 @@ async fn containerd_pulls_two_registries_through_hosts_toml_mirror() {
 
 struct PodmanEnv {
     entrepot: Entrepot,
-    registry: LoggedRegistry,
+    registry: DockerRegistry,
     app: SeedImage,
     registries_conf: PathBuf,
     work: tempfile::TempDir,
@@ -295,18 +245,11 @@ const PODMAN_UPSTREAM: &str = "reg-a.test";
 impl PodmanEnv {
     async fn start() -> Result<Self> {
         let work = tempfile::tempdir()?;
-        let registry = LoggedRegistry::start("docker-registry-a").await?;
         let app = SeedImage::generate(&[BIG_LAYER, 64 * 1024, 1000]);
-        seed(work.path(), &app, &registry.host(), "team/app:1.0").await?;
-        let upstreams = format!(
-            r#"[[upstream]]
-name = "{PODMAN_UPSTREAM}"
-url = "{url}"
-tag_ttl = "5m"
-"#,
-            url = registry.url(),
-        );
-        let entrepot = Entrepot::start(entrepot_bin(), work.path(), &upstreams).await?;
+        let registry =
+            DockerRegistry::seeded("docker-registry-a", work.path(), &app, "team/app:1.0").await?;
+        let upstreams = upstream(PODMAN_UPSTREAM, &registry.url(), false, TAG_TTL);
+        let entrepot = Entrepot::start(work.path(), &upstreams).await?;
         let conf = work.path().join("registries.conf");
         std::fs::write(
             &conf,
@@ -352,7 +295,10 @@ async fn podman_scenario(env: &mut PodmanEnv) -> Result<()> {
     env.pull("podman-cold").await?;
     let cold = env.registry.requests_since(seeded);
     fetched_through_entrepot("cold", &cold, "team/app", "1.0", &env.app)?;
-    check_cached(&env.entrepot, &env.app).context("cold")?;
+    env.entrepot
+        .check_stored(env.app.all_digests())
+        .await
+        .context("cold")?;
 
     env.pull("podman-warm").await?;
     no_requests("warm", &env.registry.requests_since(seeded + cold.len()))?;
@@ -365,15 +311,8 @@ async fn podman_scenario(env: &mut PodmanEnv) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podman_pulls_through_registries_conf_mirror() {
-    for program in ["docker-registry", "skopeo", "podman"] {
-        require_program(program);
-    }
-    let mut env = PodmanEnv::start()
-        .await
-        .unwrap_or_else(|e| panic!("starting the environment: {e:#}"));
-    if let Err(e) = podman_scenario(&mut env).await {
-        panic!("{e:#}");
-    }
+    require_programs(&["docker-registry", "skopeo", "podman"]);
+    run_scenario(PodmanEnv::start(), podman_scenario).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -381,7 +320,7 @@ async fn podman_pulls_through_registries_conf_mirror() {
 
 struct DockerMirrorEnv {
     entrepot: Entrepot,
-    registry: LoggedRegistry,
+    registry: DockerRegistry,
     tool: SeedImage,
     work: tempfile::TempDir,
 }
@@ -390,19 +329,16 @@ impl DockerMirrorEnv {
     async fn start() -> Result<Self> {
         let work = tempfile::tempdir()?;
         // Stands in for Docker Hub: official images live under `library/`.
-        let registry = LoggedRegistry::start("docker-registry-hub").await?;
         let tool = SeedImage::generate(&[BIG_LAYER, 4096]);
-        seed(work.path(), &tool, &registry.host(), "library/tool:2.0").await?;
-        let upstreams = format!(
-            r#"[[upstream]]
-name = "docker.io"
-url = "{url}"
-default = true
-tag_ttl = "5m"
-"#,
-            url = registry.url(),
-        );
-        let entrepot = Entrepot::start(entrepot_bin(), work.path(), &upstreams).await?;
+        let registry = DockerRegistry::seeded(
+            "docker-registry-hub",
+            work.path(),
+            &tool,
+            "library/tool:2.0",
+        )
+        .await?;
+        let upstreams = upstream("docker.io", &registry.url(), true, TAG_TTL);
+        let entrepot = Entrepot::start(work.path(), &upstreams).await?;
         Ok(Self {
             entrepot,
             registry,
@@ -414,22 +350,9 @@ tag_ttl = "5m"
     /// `skopeo copy docker://<entrepot>/<name>` into a fresh layout; checks it is the seeded
     /// image.
     async fn pull(&self, label: &str, name: &str) -> Result<()> {
-        let out = self.work.path().join(label);
-        let source = format!("docker://{}/{name}", self.entrepot.host());
-        skopeo_copy(&source, &format!("oci:{}:x", out.display()))
+        self.entrepot
+            .pull_checked(self.work.path(), label, name, &self.tool)
             .await
-            .with_context(|| format!("{label}: pulling {source}"))?;
-        let pulled = read_layout(&out, "x").with_context(|| format!("{label}: pulled layout"))?;
-        ensure!(
-            pulled.manifest_digest == self.tool.manifest.digest
-                && pulled.blob_digests == self.tool.blob_digests(),
-            "{label}: pulled {} {:?}, seeded {} {:?}",
-            pulled.manifest_digest,
-            pulled.blob_digests,
-            self.tool.manifest.digest,
-            self.tool.blob_digests()
-        );
-        Ok(())
     }
 }
 
@@ -445,7 +368,10 @@ async fn docker_mirror_scenario(env: &mut DockerMirrorEnv) -> Result<()> {
     env.pull("bare-cold", "tool:2.0").await?;
     let cold = env.registry.requests_since(seeded);
     fetched_through_entrepot("bare-cold", &cold, "library/tool", "2.0", &env.tool)?;
-    check_cached(&env.entrepot, &env.tool).context("bare-cold")?;
+    env.entrepot
+        .check_stored(env.tool.all_digests())
+        .await
+        .context("bare-cold")?;
     let unprefixed: Vec<_> = cold
         .iter()
         .filter(|r| r.target.starts_with("/v2/tool/"))
@@ -463,13 +389,6 @@ async fn docker_mirror_scenario(env: &mut DockerMirrorEnv) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_registry_mirror_bare_names_gain_library_prefix() {
-    for program in ["docker-registry", "skopeo"] {
-        require_program(program);
-    }
-    let mut env = DockerMirrorEnv::start()
-        .await
-        .unwrap_or_else(|e| panic!("starting the environment: {e:#}"));
-    if let Err(e) = docker_mirror_scenario(&mut env).await {
-        panic!("{e:#}");
-    }
+    require_programs(&["docker-registry", "skopeo"]);
+    run_scenario(DockerMirrorEnv::start(), docker_mirror_scenario).await;
 }

@@ -15,14 +15,13 @@
 
 mod common;
 
-use std::path::Path;
-
 use anyhow::{ensure, Context, Result};
-use common::oci_e2e::{
-    parse_access_log, read_index_layout, skopeo_copy_with, verified_blob, AccessLine,
-    LoggedRegistry, MultiArchImage, PulledIndex,
+use common::oci_e2e::{read_index_layout, MultiArchImage, PulledIndex};
+use common::real::{
+    parse_access_log, read_layout, require_programs, run_scenario, verified_blob, AccessLine,
+    DockerRegistry, Entrepot, SkopeoCopy, TAG_TTL,
 };
-use common::real::{read_layout, require_program, Entrepot};
+use common::upstream;
 
 const UPSTREAM: &str = "up";
 const REPOSITORY: &str = "multi/app";
@@ -30,12 +29,17 @@ const TAG: &str = "1.0";
 const PLATFORMS: &[(&str, &str)] = &[("linux", "amd64"), ("linux", "arm64")];
 /// Two layers per platform: one big enough to stream in several chunks, one small.
 const LAYER_SIZES: &[usize] = &[768 * 1024, 3000];
+/// `skopeo copy --all`: the index and every platform's image.
+const ALL: SkopeoCopy = SkopeoCopy {
+    flags: &["--all"],
+    ..SkopeoCopy::DEFAULT
+};
 
 /// Field order is drop order: the processes go first, while the working directory with their
 /// logs still exists to be printed if the test failed.
 struct Env {
     entrepot: Entrepot,
-    registry: LoggedRegistry,
+    registry: DockerRegistry,
     image: MultiArchImage,
     work: tempfile::TempDir,
 }
@@ -43,26 +47,19 @@ struct Env {
 impl Env {
     async fn start() -> Result<Self> {
         let work = tempfile::tempdir()?;
-        let registry = LoggedRegistry::start("docker-registry").await?;
+        let registry = DockerRegistry::start("docker-registry").await?;
         let image = MultiArchImage::generate(PLATFORMS, LAYER_SIZES);
         let layout = work.path().join("seed");
         image.write_layout(&layout, TAG)?;
-        skopeo_copy_with(
-            work.path(),
-            &[],
-            &["--all"],
+        ALL.copy(
             &format!("oci:{}:{TAG}", layout.display()),
             &format!("docker://{}/{REPOSITORY}:{TAG}", registry.host()),
         )
         .await
         .context("seeding docker-registry")?;
 
-        let upstreams = format!(
-            "[[upstream]]\nname = \"{UPSTREAM}\"\nurl = \"{}\"\ndefault = true\ntag_ttl = \"5m\"\n",
-            registry.url()
-        );
-        let bin = Path::new(env!("CARGO_BIN_EXE_entrepot"));
-        let entrepot = Entrepot::start(bin, work.path(), &upstreams).await?;
+        let upstreams = upstream(UPSTREAM, &registry.url(), true, TAG_TTL);
+        let entrepot = Entrepot::start(work.path(), &upstreams).await?;
         Ok(Self {
             entrepot,
             registry,
@@ -88,15 +85,9 @@ impl Env {
     /// the seeded index, every child manifest and every blob, all by their digests.
     async fn pull_all(&self, label: &str, source: &str) -> Result<()> {
         let out = self.work.path().join(label);
-        skopeo_copy_with(
-            self.work.path(),
-            &[],
-            &["--all"],
-            source,
-            &format!("oci:{}:{TAG}", out.display()),
-        )
-        .await
-        .with_context(|| format!("{label}: pulling {source}"))?;
+        ALL.copy(source, &format!("oci:{}:{TAG}", out.display()))
+            .await
+            .with_context(|| format!("{label}: pulling {source}"))?;
         let pulled = read_index_layout(&out, TAG).with_context(|| format!("{label}: layout"))?;
         self.expect_same_index(label, &pulled)
     }
@@ -196,29 +187,21 @@ async fn scenario(env: &mut Env) -> Result<()> {
 
     // 3. One platform, by the bare name (default upstream, same cache entries).
     let out = env.work.path().join("warm-arm64");
-    skopeo_copy_with(
-        env.work.path(),
-        &["--override-arch", "arm64", "--override-os", "linux"],
-        &[],
-        &env.by_bare_name(),
-        &format!("oci:{}:{TAG}", out.display()),
-    )
-    .await
-    .context("single-platform pull")?;
+    let arm64_only = SkopeoCopy {
+        global: &["--override-arch", "arm64", "--override-os", "linux"],
+        ..SkopeoCopy::default()
+    };
+    arm64_only
+        .copy(&env.by_bare_name(), &format!("oci:{}:{TAG}", out.display()))
+        .await
+        .context("single-platform pull")?;
     let pulled = read_layout(&out, TAG).context("single-platform layout")?;
     let arm64 = env.image.platform("arm64");
-    ensure!(
-        pulled.manifest_digest == arm64.manifest.digest,
-        "--override-arch arm64 pulled manifest {}, the arm64 manifest is {}",
-        pulled.manifest_digest,
-        arm64.manifest.digest
-    );
-    ensure!(
-        pulled.blob_digests == arm64.blob_digests(),
-        "--override-arch arm64 pulled blobs {:?}, the arm64 image has {:?}",
-        pulled.blob_digests,
-        arm64.blob_digests()
-    );
+    pulled.expect(
+        "--override-arch arm64",
+        &arm64.manifest.digest,
+        &arm64.blob_digests(),
+    )?;
     let single = env.upstream_requests_since(cold.len());
     ensure!(
         single.is_empty(),
@@ -240,15 +223,8 @@ async fn scenario(env: &mut Env) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_platform_index_pulls_through_entrepot_then_from_cache_alone() {
-    require_program("docker-registry");
-    require_program("skopeo");
-    let mut env = Env::start()
-        .await
-        .unwrap_or_else(|e| panic!("starting the environment: {e:#}"));
-    // Panic while `env` is alive, so the processes' output is printed as their guards drop.
-    if let Err(e) = scenario(&mut env).await {
-        panic!("{e:#}");
-    }
+    require_programs(&["docker-registry", "skopeo"]);
+    run_scenario(Env::start(), scenario).await;
 }
 
 /// The upstream request count rests on this parser: pin it to docker-registry 2.8's format.

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::fake_registry::{
-    base64_encode, sha256_digest, BlobBehavior, Failure, FakeRegistry, OCI_INDEX, OCI_MANIFEST,
-};
+use common::fake_registry::{BlobBehavior, Failure, FakeRegistry};
+use common::{base64_encode, error_code, json, sha256_digest, OCI_INDEX, OCI_MANIFEST};
 use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio::time::timeout;
@@ -23,16 +22,6 @@ fn header<'r>(resp: &'r reqwest::Response, name: &str) -> &'r str {
         .unwrap_or_else(|| panic!("missing header {name}"))
         .to_str()
         .unwrap()
-}
-
-/// The body as JSON (reqwest's `json` feature is off in this crate).
-async fn json(resp: reqwest::Response) -> serde_json::Value {
-    serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
-}
-
-async fn error_code(resp: reqwest::Response) -> String {
-    let v = json(resp).await;
-    v["errors"][0]["code"].as_str().unwrap().to_string()
 }
 
 /// `key="value"` out of a `WWW-Authenticate` challenge.

@@ -5,8 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::fake_registry::{BlobBehavior, Failure, FakeRegistry, OCI_INDEX, OCI_MANIFEST};
-use common::proxy::{random_bytes, upstream, Proxy};
+use common::fake_registry::{BlobBehavior, Failure, FakeRegistry};
+use common::proxy::Proxy;
+use common::{random_bytes, upstream, OCI_INDEX, OCI_MANIFEST};
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
@@ -112,7 +113,7 @@ async fn stale_tag_is_served_when_the_upstream_fails() {
     up.set_failure(Some(Failure::Status(503)));
     let r = get(&proxy.url("/v2/team/app/manifests/other"), None).await;
     assert_eq!(r.status(), 502);
-    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let body = common::json(r).await;
     let msg = body["errors"][0]["message"].as_str().unwrap();
     assert!(msg.contains("upstream fake"), "{msg}");
     assert!(!msg.contains("127.0.0.1"), "internal URL leaked: {msg}");
@@ -172,11 +173,7 @@ async fn head_of_an_unknown_tag_asks_upstream_with_head_only() {
     let up = FakeRegistry::start().await;
     let img = up.push_image("team/app", "v1", &[random_bytes(10, 6).into()]);
     let proxy = Proxy::start(&upstream_cfg(&up, "")).await;
-    let h = common::client()
-        .head(proxy.url("/v2/team/app/manifests/v1"))
-        .send()
-        .await
-        .unwrap();
+    let h = proxy.head("/v2/team/app/manifests/v1").await;
     assert_eq!(h.status(), 200);
     assert_eq!(h.headers()["docker-content-digest"], img.manifest.as_str());
     assert_eq!(
@@ -200,7 +197,7 @@ async fn head_of_an_unknown_tag_asks_upstream_with_head_only() {
     // Unknown upstream tag → 404 MANIFEST_UNKNOWN.
     let r = get(&proxy.url("/v2/team/app/manifests/nope"), None).await;
     assert_eq!(r.status(), 404);
-    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let body = common::json(r).await;
     assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
 }
 
@@ -285,11 +282,9 @@ async fn mirrors_are_tried_in_order_when_the_main_url_fails() {
     let r = get(&proxy.url("/v2/team/app/manifests/v1"), None).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), img.manifest_body);
-    let r = common::client()
-        .get(proxy.url(&format!("/v2/team/app/blobs/{}", img.layers[0])))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy
+        .get(&format!("/v2/team/app/blobs/{}", img.layers[0]))
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(main.count("GET", "/manifests/v1"), 1);
     assert_eq!(mirror.count("GET", "/manifests/v1"), 1);

@@ -3,8 +3,9 @@
 
 mod common;
 
-use common::fake_registry::{FakeRegistry, OCI_INDEX};
-use common::proxy::{random_bytes, upstream, Proxy};
+use common::fake_registry::FakeRegistry;
+use common::proxy::Proxy;
+use common::{random_bytes, upstream, OCI_INDEX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn two_upstreams() -> (FakeRegistry, FakeRegistry, Proxy) {
@@ -21,10 +22,10 @@ async fn two_upstreams() -> (FakeRegistry, FakeRegistry, Proxy) {
     (a, b, proxy)
 }
 
+/// The first OCI error code of a JSON error body.
 async fn error_code(r: reqwest::Response) -> String {
     assert_eq!(r.headers()["content-type"], "application/json");
-    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    v["errors"][0]["code"].as_str().unwrap().to_string()
+    common::error_code(r).await
 }
 
 /// Sends a request line as written (no URL normalisation) and returns status and body.
@@ -234,11 +235,7 @@ async fn push_and_delete_are_405_unsupported() {
 #[tokio::test]
 async fn base_endpoint() {
     let (_a, _b, proxy) = two_upstreams().await;
-    let r = common::client()
-        .get(proxy.url("/v2/"))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.get("/v2/").await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["docker-distribution-api-version"],
@@ -270,7 +267,7 @@ async fn tags_list_is_forwarded_with_link_rewritten_to_the_proxy() {
             let path = &link[1..link.find('>').unwrap()];
             next = Some(proxy.url(path));
         }
-        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        let v = common::json(r).await;
         for t in v["tags"].as_array().unwrap() {
             tags.push(t.as_str().unwrap().to_string());
         }
@@ -300,14 +297,12 @@ async fn tags_list_is_forwarded_with_link_rewritten_to_the_proxy() {
 async fn referrers_are_forwarded() {
     let (a, _b, proxy) = two_upstreams().await;
     let img = a.push_image("team/app", "v1", &[random_bytes(10, 5).into()]);
-    let r = common::client()
-        .get(proxy.url(&format!("/v2/team/app/referrers/{}", img.manifest)))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy
+        .get(&format!("/v2/team/app/referrers/{}", img.manifest))
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
-    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let v = common::json(r).await;
     assert_eq!(v["manifests"], serde_json::json!([]));
     assert_eq!(a.count("GET", "/referrers/"), 1);
 }

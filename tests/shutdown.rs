@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake_registry::{BlobBehavior, FakeRegistry};
-use common::proxy::{random_bytes, upstream, Proxy};
+use common::proxy::Proxy;
+use common::{random_bytes, upstream};
 use futures_util::StreamExt;
 use tokio::sync::Notify;
 
@@ -24,11 +25,7 @@ async fn a_fill_in_progress_completes_within_the_grace_period() {
         },
     );
     let mut proxy = Proxy::start(&upstream("fake", &up.url(), true, "")).await;
-    let resp = common::client()
-        .get(proxy.url(&format!("/v2/team/app/blobs/{digest}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get(&format!("/v2/team/app/blobs/{digest}")).await;
     // The client goes away too; the fill must still finish.
     drop(resp);
     let server = proxy.begin_shutdown();
@@ -52,11 +49,7 @@ async fn past_the_grace_period_fills_are_cancelled_and_cleaned_up() {
         },
     );
     let mut proxy = Proxy::start(&upstream("fake", &up.url(), true, "")).await;
-    let resp = common::client()
-        .get(proxy.url(&format!("/v2/team/app/blobs/{digest}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get(&format!("/v2/team/app/blobs/{digest}")).await;
     assert_eq!(resp.status(), 200);
     let reader = tokio::spawn(async move {
         let mut s = resp.bytes_stream();

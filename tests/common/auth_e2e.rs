@@ -1,6 +1,7 @@
-//! Authenticated real upstreams for end-to-end tests: a `docker-registry` behind htpasswd basic
-//! auth or behind a bearer-token service, that token service itself (in-process, issuing RS256
-//! JWTs signed with the `openssl` CLI), and `skopeo copy` with credentials.
+//! Authenticated real upstreams for end-to-end tests: the `auth:` sections that put a
+//! [`DockerRegistry`](super::real::DockerRegistry) behind htpasswd basic auth or behind a
+//! bearer-token service, and that token service itself (in-process, issuing RS256 JWTs signed
+//! with the `openssl` CLI).
 //!
 //! # The token service
 //!
@@ -16,18 +17,16 @@
 //! wrong credentials is refused with 401. A scope that grants nothing still yields a token, with
 //! no `access` for that repository, so the registry is the one that says no.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::fs;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode};
@@ -36,10 +35,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
-use super::free_port;
-use super::real::{get_status, require_program, ChildGuard, READY_TIMEOUT, SKOPEO_TIMEOUT};
+use super::real::{require_program, ENTREPOT_AGENT};
+use super::serve_connections;
 
 /// distribution accepts a token until this long after its `exp` (and before its `nbf`): its
 /// allowance for clock skew (`token.Leeway`, 60 s in 2.8).
@@ -48,113 +47,15 @@ pub const REGISTRY_LEEWAY_SECS: u64 = 60;
 /// Repositories under this prefix are pulled only with credentials.
 pub const PRIVATE_PREFIX: &str = "private/";
 
-/// How the registry authenticates its clients.
-pub enum RegistryAuth<'a> {
-    /// `auth: htpasswd` with one bcrypt entry made by `htpasswd -Bbn`.
-    Htpasswd { user: &'a str, pass: &'a str },
-    /// `auth: token` trusting `service`'s certificate and sending clients to its realm.
-    Token(&'a TokenService),
-}
-
-/// A `docker-registry serve` (CNCF distribution) with filesystem storage that demands auth.
-pub struct AuthRegistry {
-    pub port: u16,
-    process: ChildGuard,
-    _dir: tempfile::TempDir,
-}
-
-impl AuthRegistry {
-    pub async fn start(name: &str, auth: RegistryAuth<'_>) -> Result<Self> {
-        let bin = require_program("docker-registry");
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{name}-"))
-            .tempdir()?;
-        let root = dir.path().to_owned();
-        let auth_yaml = match auth {
-            RegistryAuth::Htpasswd { user, pass } => {
-                let file = root.join("htpasswd");
-                fs::write(&file, htpasswd_entry(user, pass)?)?;
-                format!(
-                    "  htpasswd:\n    realm: entrepot-e2e\n    path: {}\n",
-                    file.display()
-                )
-            }
-            RegistryAuth::Token(service) => format!(
-                "  token:\n    realm: {realm}\n    service: {svc}\n    issuer: {iss}\n    \
-                 rootcertbundle: {cert}\n",
-                realm = service.realm(),
-                svc = service.service(),
-                iss = service.issuer(),
-                cert = service.cert_path().display(),
-            ),
-        };
-        const ATTEMPTS: usize = 3;
-        let mut attempt = 1;
-        loop {
-            let port = free_port();
-            let config = root.join("config.yml");
-            fs::write(
-                &config,
-                registry_config(&root.join("data"), port, &auth_yaml),
-            )?;
-            let mut cmd = Command::new(&bin);
-            cmd.arg("serve").arg(&config);
-            let mut process = ChildGuard::spawn(name, cmd, root.join("registry.log"))?;
-            match wait_challenging(port, &mut process, name).await {
-                Ok(()) => {
-                    return Ok(Self {
-                        port,
-                        process,
-                        _dir: dir,
-                    })
-                }
-                Err(e)
-                    if attempt < ATTEMPTS
-                        && process.exited().is_some()
-                        && process
-                            .output()
-                            .to_lowercase()
-                            .contains("address already in use") =>
-                {
-                    eprintln!("port {port} was taken, retrying: {e:#}");
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// `127.0.0.1:<port>`, as used in `docker://` references.
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.host())
-    }
-
-    /// Everything the registry has logged so far (its access log included).
-    pub fn output(&self) -> String {
-        self.process.output()
-    }
-}
-
-fn registry_config(data: &Path, port: u16, auth: &str) -> String {
-    format!(
-        "version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: {data}
-http:
-  addr: 127.0.0.1:{port}
-auth:
-{auth}",
-        data = data.display()
-    )
+/// The `auth:` section for a registry accepting `user` with `pass` by htpasswd basic auth; the
+/// password file is written into `dir`, which must outlive the registry.
+pub fn htpasswd_auth(dir: &Path, user: &str, pass: &str) -> Result<String> {
+    let file = dir.join("htpasswd");
+    std::fs::write(&file, htpasswd_entry(user, pass)?)?;
+    Ok(format!(
+        "auth:\n  htpasswd:\n    realm: entrepot-e2e\n    path: {}\n",
+        file.display()
+    ))
 }
 
 /// `user:<bcrypt hash>` from `htpasswd -Bbn` (the only hash distribution accepts).
@@ -172,36 +73,6 @@ fn htpasswd_entry(user: &str, pass: &str) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?.trim().to_owned() + "\n")
-}
-
-/// Polls `GET /v2/` until the registry answers 401 (it demands auth before anything else).
-/// Fails early, with the output, if the process exits, and after [`READY_TIMEOUT`] otherwise.
-async fn wait_challenging(port: u16, process: &mut ChildGuard, name: &str) -> Result<()> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = process.exited() {
-            bail!(
-                "{name} exited with {status} before answering GET /v2/ on port {port}; \
-                 output:\n{}",
-                process.output()
-            );
-        }
-        let last =
-            match tokio::time::timeout(Duration::from_secs(2), get_status(port, "/v2/")).await {
-                Ok(Ok(401)) => return Ok(()),
-                Ok(Ok(status)) => format!("status {status}"),
-                Ok(Err(e)) => format!("error: {e}"),
-                Err(_) => "no answer within 2s".to_owned(),
-            };
-        if Instant::now() > deadline {
-            bail!(
-                "{name} did not answer 401 on GET /v2/ (port {port}) within {READY_TIMEOUT:?}, \
-                 last: {last}; output:\n{}",
-                process.output()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// How long tokens live and what the token endpoint says about it.
@@ -250,11 +121,11 @@ pub struct TokenRequest {
 impl TokenRequest {
     /// Sent by entrepot (its `User-Agent` is `entrepot/<version>`), not by skopeo seeding.
     pub fn sent_by_entrepot(&self) -> bool {
-        self.user_agent.starts_with("entrepot/")
+        self.user_agent.starts_with(ENTREPOT_AGENT)
     }
 }
 
-/// The bearer-token service a `RegistryAuth::Token` registry sends its clients to. Dropping it
+/// The bearer-token service a registry with [`TokenService::registry_auth`] sends its clients to. Dropping it
 /// stops the server and every connection.
 pub struct TokenService {
     addr: SocketAddr,
@@ -361,9 +232,17 @@ impl TokenService {
         &self.state.issuer
     }
 
-    /// The signing certificate, which is also the registry's whole `rootcertbundle`.
-    pub fn cert_path(&self) -> &Path {
-        &self.state.cert
+    /// The `auth:` section for a registry trusting this service's certificate (its whole
+    /// `rootcertbundle`) and sending clients to its realm.
+    pub fn registry_auth(&self) -> String {
+        format!(
+            "auth:\n  token:\n    realm: {realm}\n    service: {svc}\n    issuer: {iss}\n    \
+             rootcertbundle: {cert}\n",
+            realm = self.realm(),
+            svc = self.service(),
+            iss = self.issuer(),
+            cert = self.state.cert.display(),
+        )
     }
 
     /// Applies to tokens issued from now on.
@@ -392,23 +271,16 @@ impl Drop for TokenService {
 }
 
 async fn serve(listener: TcpListener, state: Arc<TokenState>) {
-    // Connections are owned by this task, so aborting it ends them too.
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let state = state.clone();
-                conns.spawn(async move {
-                    let svc = service_fn(move |req| handle(state.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+    serve_connections(listener, move |stream| {
+        let state = state.clone();
+        async move {
+            let svc = service_fn(move |req| handle(state.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         }
-    }
+    })
+    .await
 }
 
 async fn handle(
@@ -673,97 +545,4 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("valid response")
-}
-
-/// How a `skopeo copy` went.
-pub struct SkopeoRun {
-    pub success: bool,
-    /// stdout then stderr.
-    pub output: String,
-    pub elapsed: Duration,
-}
-
-/// `skopeo copy src dst` over plain HTTP, with `user:pass` credentials for either side (or
-/// none), no retries and no signature policy. Bounded by `--command-timeout` and by `limit`.
-pub async fn skopeo_copy_creds(
-    src: &str,
-    dst: &str,
-    src_creds: Option<&str>,
-    dest_creds: Option<&str>,
-    limit: Duration,
-) -> Result<SkopeoRun> {
-    let limit = limit.min(SKOPEO_TIMEOUT);
-    let mut cmd = Command::new(require_program("skopeo"));
-    cmd.arg("--insecure-policy")
-        .arg("--command-timeout")
-        .arg(format!("{}s", limit.as_secs().max(1)))
-        .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false"])
-        .args(["--retry-times", "0"]);
-    match src_creds {
-        Some(c) => cmd.arg("--src-creds").arg(c),
-        None => cmd.arg("--src-no-creds"),
-    };
-    match dest_creds {
-        Some(c) => cmd.arg("--dest-creds").arg(c),
-        None => cmd.arg("--dest-no-creds"),
-    };
-    cmd.arg(src).arg(dst).stdin(Stdio::null());
-    let started = Instant::now();
-    let run = tokio::task::spawn_blocking(move || cmd.output());
-    // skopeo enforces its own timeout; this one is for a skopeo that ignores it.
-    let out = tokio::time::timeout(limit + Duration::from_secs(10), run)
-        .await
-        .with_context(|| format!("skopeo copy {src} {dst} still running after {limit:?}"))??
-        .with_context(|| format!("running skopeo copy {src} {dst}"))?;
-    Ok(SkopeoRun {
-        success: out.status.success(),
-        output: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        elapsed: started.elapsed(),
-    })
-}
-
-/// The `(code, message)` pairs of an OCI error body, or `Err` if it is not one.
-pub fn oci_errors(body: &[u8]) -> Result<Vec<(String, String)>> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .with_context(|| format!("not a JSON error body: {:?}", String::from_utf8_lossy(body)))?;
-    let errors = v["errors"]
-        .as_array()
-        .with_context(|| format!("no `errors` array in {v}"))?;
-    Ok(errors
-        .iter()
-        .map(|e| {
-            (
-                e["code"].as_str().unwrap_or_default().to_owned(),
-                e["message"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect())
-}
-
-/// How often docker-registry answered each status to entrepot (by its `User-Agent`) for request
-/// lines containing `path_contains`, from the registry's access log.
-pub fn entrepot_statuses(log: &str, path_contains: &str) -> HashMap<u16, usize> {
-    let mut out = HashMap::new();
-    // `127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 401 87 "" "entrepot/0.1.0"`
-    let from_entrepot = |l: &str| {
-        l.rsplit('"')
-            .nth(1)
-            .is_some_and(|ua| ua.starts_with("entrepot/"))
-    };
-    let lines = log
-        .lines()
-        .filter(|l| l.contains(path_contains) && from_entrepot(l));
-    for line in lines {
-        let Some((_, after)) = line.split_once("HTTP/1.1\" ") else {
-            continue;
-        };
-        if let Some(code) = after.split_whitespace().next().and_then(|c| c.parse().ok()) {
-            *out.entry(code).or_insert(0) += 1;
-        }
-    }
-    out
 }

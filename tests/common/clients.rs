@@ -1,6 +1,5 @@
-//! Real container clients for end-to-end tests: a private `containerd` driven by `ctr`, `podman`
-//! with throw-away storage, and a `docker-registry` upstream whose access log a test can read to
-//! see exactly which requests reached it, and from whom.
+//! Real container clients for end-to-end tests: a private `containerd` driven by `ctr`, and
+//! `podman` with throw-away storage, each configured to pull through a mirror.
 //!
 //! Like [`super::real`], a missing program fails the test (saying to run
 //! `.ci/install-deps.sh`), never skips it.
@@ -8,236 +7,23 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
-use super::real::{
-    file_digest, require_program, skopeo_copy, start_on_free_port, ChildGuard, Entrepot, SeedImage,
-    READY_TIMEOUT,
-};
+use super::real::{require_program, run_bounded, wait_until, ChildGuard, Finished};
 
 /// Ceiling for one client command (`ctr ...`, `podman pull`), so a proxy that hangs fails the
 /// test instead of stalling it.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The `User-Agent` prefix entrepot sends upstream; anything else reaching an upstream came from
-/// a client that went around the proxy.
-pub const ENTREPOT_AGENT: &str = "entrepot/";
-
-/// Runs `cmd` to completion with its output in `log`, killing it after `timeout`. Returns the
-/// output; the error carries it too.
-pub async fn run_bounded(
-    label: &str,
-    mut cmd: Command,
-    log: &Path,
-    timeout: Duration,
-) -> Result<String> {
-    let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let err = out.try_clone()?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    let described = format!("{label} ({cmd:?})");
-    let log = log.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {described}"))?;
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "{described} did not finish within {timeout:?}; output:\n{}",
-                    read_log(&log)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let output = read_log(&log);
-        ensure!(
-            status.success(),
-            "{described} failed with {status}; output:\n{output}"
-        );
-        Ok(output)
-    })
-    .await?
-}
-
-fn read_log(path: &Path) -> String {
-    fs::read_to_string(path).unwrap_or_else(|e| format!("<no log at {}: {e}>", path.display()))
-}
-
-/// A unique file name in `dir` for the output of one command.
-fn next_log(dir: &Path, label: &str) -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!("{n:03}-{label}.log"))
-}
-
-/// Pushes `image` to the registry at `host` (`127.0.0.1:<port>`) as `reference` (`repo:tag`),
-/// from an OCI layout written under `work`.
-pub async fn seed(work: &Path, image: &SeedImage, host: &str, reference: &str) -> Result<()> {
-    let (repo, tag) = reference
-        .rsplit_once(':')
-        .context("reference needs a tag")?;
-    let layout = work.join(format!(
-        "seed-{}-{}",
-        host.replace(':', "_"),
-        repo.replace('/', "-")
-    ));
-    image.write_layout(&layout, tag)?;
-    skopeo_copy(
-        &format!("oci:{}:{tag}", layout.display()),
-        &format!("docker://{host}/{reference}"),
-    )
-    .await
-}
-
-/// Checks that entrepot's store holds a verified copy of `image`: manifest, config and layers.
-pub fn check_cached(entrepot: &Entrepot, image: &SeedImage) -> Result<()> {
-    let digests = std::iter::once(image.manifest.digest.clone()).chain(image.blob_digests());
-    for digest in digests {
-        let path = entrepot.stored_blob(&digest);
-        ensure!(
-            path.is_file(),
-            "{digest} is not in entrepot's store ({} missing)",
-            path.display()
-        );
-        let actual = file_digest(&path)?;
-        ensure!(
-            actual == digest,
-            "store file {} hashes to {actual}",
-            path.display()
-        );
-    }
-    Ok(())
-}
-
-/// One line of docker-registry's access log (combined log format).
-#[derive(Debug, Clone)]
-pub struct AccessLine {
-    pub method: String,
-    /// Path and query, as sent.
-    pub target: String,
-    pub status: u16,
-    pub user_agent: String,
-}
-
-impl AccessLine {
-    /// `127.0.0.1 - - [date] "GET /v2/ HTTP/1.1" 200 2 "" "skopeo/1.9.3"`; `None` for the
-    /// registry's other (logfmt) lines.
-    fn parse(line: &str) -> Option<Self> {
-        let quoted: Vec<&str> = line.split('"').collect();
-        // [prefix, request, status+size, referer, " ", agent, ""]
-        if quoted.len() < 7 || !quoted[0].ends_with("] ") {
-            return None;
-        }
-        let mut request = quoted[1].split_whitespace();
-        let method = request.next()?.to_owned();
-        let target = request.next()?.to_owned();
-        let status = quoted[2].split_whitespace().next()?.parse().ok()?;
-        Some(Self {
-            method,
-            target,
-            status,
-            user_agent: quoted[5].to_owned(),
-        })
-    }
-}
-
-/// A `docker-registry serve` upstream (filesystem storage, no auth) like
-/// [`super::real::DockerRegistry`], with its access log readable by the test.
-pub struct LoggedRegistry {
-    pub port: u16,
-    process: ChildGuard,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl LoggedRegistry {
-    pub async fn start(name: &str) -> Result<Self> {
-        let bin = require_program("docker-registry");
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{name}-"))
-            .tempdir()?;
-        let root = dir.path().to_owned();
-        let log = root.join("registry.log");
-        let (port, process) = start_on_free_port(|port| {
-            let config = root.join("config.yml");
-            fs::write(&config, logged_registry_config(&root.join("data"), port))?;
-            let mut cmd = Command::new(&bin);
-            cmd.arg("serve").arg(&config);
-            ChildGuard::spawn(name, cmd, log.clone())
-        })
-        .await?;
-        Ok(Self {
-            port,
-            process,
-            log,
-            _dir: dir,
-        })
-    }
-
-    /// `127.0.0.1:<port>`, the registry host in image references.
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.host())
-    }
-
-    /// Kills the registry; its port refuses connections afterwards.
-    pub fn stop(&mut self) {
-        self.process.kill();
-    }
-
-    /// Every request answered so far, oldest first. docker-registry writes each line as the
-    /// response completes; the tests read the log after the client that caused the requests has
-    /// exited, by which time entrepot has long read those responses to the end.
-    pub fn requests(&self) -> Vec<AccessLine> {
-        read_log(&self.log)
-            .lines()
-            .filter_map(AccessLine::parse)
-            .collect()
-    }
-
-    /// The requests after the first `since` (a previous `requests().len()`).
-    pub fn requests_since(&self, since: usize) -> Vec<AccessLine> {
-        self.requests().into_iter().skip(since).collect()
-    }
-}
-
-fn logged_registry_config(data: &Path, port: u16) -> String {
-    format!(
-        "version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: {data}
-http:
-  addr: 127.0.0.1:{port}
-",
-        data = data.display()
-    )
-}
 
 /// A `containerd` of the test's own: root, state, sockets and config in one folder, CRI off.
 /// `ctr` talks to it by socket; `--hosts-dir` resolution happens in `ctr` with the same
 /// `hosts.toml` code the CRI plugin uses for `config_path`.
 pub struct Containerd {
     socket: PathBuf,
-    dir: PathBuf,
     process: ChildGuard,
 }
 
@@ -290,29 +76,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         cmd.arg("--config").arg(&config_path);
         let mut process = ChildGuard::spawn("containerd", cmd, dir.join("containerd.log"))?;
 
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if let Some(status) = process.exited() {
-                bail!(
-                    "containerd exited with {status} before serving {}; output:\n{}",
-                    socket.display(),
-                    process.output()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "containerd did not serve {} within {READY_TIMEOUT:?}; output:\n{}",
-                    socket.display(),
-                    process.output()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Self {
-            socket,
-            dir: dir.to_owned(),
-            process,
+        let what = format!("serve {}", socket.display());
+        wait_until(&mut process, &what, || {
+            let connected = std::os::unix::net::UnixStream::connect(&socket);
+            async move { connected.map(drop).map_err(|e| e.to_string()) }
         })
+        .await?;
+        Ok(Self { socket, process })
     }
 
     /// `ctr --address <socket> --namespace entrepot-e2e <args>`; returns its output.
@@ -322,15 +92,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .arg(&self.socket)
             .args(["--namespace", NAMESPACE])
             .args(args);
-        let label = args.iter().take(2).copied().collect::<Vec<_>>().join("-");
-        run_bounded(
-            &format!("ctr {}", args.join(" ")),
-            cmd,
-            &next_log(&self.dir, &label),
-            CLIENT_TIMEOUT,
-        )
-        .await
-        .with_context(|| format!("containerd output:\n{}", self.process.output()))
+        run_bounded(&format!("ctr {}", args.join(" ")), cmd, CLIENT_TIMEOUT)
+            .await
+            .and_then(Finished::ok)
+            .with_context(|| format!("containerd output:\n{}", self.process.output()))
     }
 
     /// The digests in containerd's content store.
@@ -413,13 +178,9 @@ impl Podman {
             .arg("--signature-policy")
             .arg(self.dir.join("policy.json"))
             .arg(reference);
-        run_bounded(
-            &format!("podman pull {reference}"),
-            cmd,
-            &next_log(&self.dir, "podman-pull"),
-            CLIENT_TIMEOUT,
-        )
-        .await
+        run_bounded(&format!("podman pull {reference}"), cmd, CLIENT_TIMEOUT)
+            .await?
+            .ok()
     }
 
     /// The manifest digest of a pulled image.
@@ -429,10 +190,10 @@ impl Podman {
         let out = run_bounded(
             &format!("podman image inspect {reference}"),
             cmd,
-            &next_log(&self.dir, "podman-inspect"),
             CLIENT_TIMEOUT,
         )
-        .await?;
+        .await?
+        .ok()?;
         Ok(out.trim().to_owned())
     }
 }

@@ -30,9 +30,13 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 // tokio's Instant so a test running on a paused clock can expire tokens with `time::advance`.
 use tokio::time::Instant;
+
+use super::{
+    base64_encode, serve_connections, sha256_digest, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST,
+};
 
 type Body = UnsyncBoxBody<Bytes, io::Error>;
 /// Bumped each time hyper has emptied its write buffer into the socket (see [`FlushCounted`]).
@@ -41,15 +45,6 @@ type Flushes = Arc<watch::Sender<u64>>;
 /// Frame size for streamed bodies: small enough that stalls and truncations land mid-body.
 const CHUNK: usize = 64 * 1024;
 const SERVICE: &str = "fake-registry";
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-/// `"sha256:<hex>"` of `data`, the form every digest takes in this registry.
-pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
 
 /// A running fake registry; dropping it stops the server and every connection it holds.
 pub struct FakeRegistry {
@@ -136,6 +131,16 @@ struct Inner {
     /// Registries that redirect here; `/direct/<digest>` falls back to their blobs.
     origins: Vec<Weak<State>>,
     requests: Vec<Recorded>,
+}
+
+impl Inner {
+    /// A stored blob's bytes and its behaviour, if any.
+    fn blob(&self, digest: &str) -> (Option<Bytes>, Option<BlobBehavior>) {
+        (
+            self.blobs.get(digest).cloned(),
+            self.behaviors.get(digest).cloned(),
+        )
+    }
 }
 
 #[derive(Default)]
@@ -340,26 +345,22 @@ impl Drop for FakeRegistry {
 }
 
 async fn serve(listener: TcpListener, state: Arc<State>) {
-    // Connections are owned by this task so aborting it also aborts hung and stalled handlers.
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let state = state.clone();
-                let flushes: Flushes = Arc::new(watch::Sender::new(0));
-                let io = FlushCounted { stream, flushes: flushes.clone() };
-                conns.spawn(async move {
-                    let svc = service_fn(move |req| handle(state.clone(), flushes.clone(), req));
-                    // Errors here are the misbehaviours we asked for (truncation) or client hang-ups.
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(io), svc)
-                        .await;
-                });
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+    serve_connections(listener, move |stream| {
+        let state = state.clone();
+        let flushes: Flushes = Arc::new(watch::Sender::new(0));
+        let io = FlushCounted {
+            stream,
+            flushes: flushes.clone(),
+        };
+        async move {
+            let svc = service_fn(move |req| handle(state.clone(), flushes.clone(), req));
+            // Errors here are the misbehaviours we asked for (truncation) or client hang-ups.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io), svc)
+                .await;
         }
-    }
+    })
+    .await
 }
 
 /// A connection's socket that counts completed flushes. hyper discards whatever is still in its
@@ -551,22 +552,11 @@ async fn blob(
     digest: &str,
     head: bool,
 ) -> Response<Body> {
-    let (data, behavior, redirect) = {
+    let ((data, behavior), redirect) = {
         let inner = state.lock();
-        (
-            inner.blobs.get(digest).cloned(),
-            inner.behaviors.get(digest).cloned(),
-            inner.redirect_to.clone(),
-        )
+        (inner.blob(digest), inner.redirect_to.clone())
     };
-    let Some(data) = data else {
-        return oci_error(
-            StatusCode::NOT_FOUND,
-            "BLOB_UNKNOWN",
-            "blob unknown to registry",
-        );
-    };
-    if let (false, Some(target)) = (head, redirect) {
+    if let (Some(_), false, Some(target)) = (&data, head, redirect) {
         return Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
             .header(header::LOCATION, format!("{target}/direct/{digest}"))
@@ -574,16 +564,7 @@ async fn blob(
             .body(empty())
             .expect("valid response");
     }
-    send_bytes(
-        req,
-        flushes,
-        digest,
-        data,
-        "application/octet-stream",
-        behavior,
-        head,
-    )
-    .await
+    send_blob(req, flushes, digest, data, behavior, head).await
 }
 
 /// The redirect target: no auth, own blob and behaviour first, else an origin's.
@@ -594,13 +575,9 @@ async fn direct(
     digest: &str,
     head: bool,
 ) -> Response<Body> {
-    let (mut data, mut behavior, origins) = {
+    let ((mut data, mut behavior), origins) = {
         let inner = state.lock();
-        (
-            inner.blobs.get(digest).cloned(),
-            inner.behaviors.get(digest).cloned(),
-            inner.origins.clone(),
-        )
+        (inner.blob(digest), inner.origins.clone())
     };
     for origin in origins.iter().filter_map(Weak::upgrade) {
         if data.is_some() {
@@ -612,18 +589,22 @@ async fn direct(
             behavior = behavior.or_else(|| inner.behaviors.get(digest).cloned());
         }
     }
+    send_blob(req, flushes, digest, data, behavior, head).await
+}
+
+/// A blob's bytes, or 404 `BLOB_UNKNOWN` when there are none.
+async fn send_blob(
+    req: &Request<Incoming>,
+    flushes: &Flushes,
+    digest: &str,
+    data: Option<Bytes>,
+    behavior: Option<BlobBehavior>,
+    head: bool,
+) -> Response<Body> {
     match data {
         Some(data) => {
-            send_bytes(
-                req,
-                flushes,
-                digest,
-                data,
-                "application/octet-stream",
-                behavior,
-                head,
-            )
-            .await
+            let content_type = "application/octet-stream";
+            send_bytes(req, flushes, digest, data, content_type, behavior, head).await
         }
         None => oci_error(
             StatusCode::NOT_FOUND,
@@ -775,28 +756,6 @@ fn authorization<'h>(headers: &'h HeaderMap, scheme: &str) -> Option<&'h str> {
 fn basic_matches(headers: &HeaderMap, user: &str, pass: &str) -> bool {
     // Padded standard base64 is canonical, so comparing encodings is comparing credentials.
     authorization(headers, "basic") == Some(&base64_encode(format!("{user}:{pass}").as_bytes()))
-}
-
-/// Standard padded base64; the only crate that does it is not among our dependencies.
-pub fn base64_encode(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Current UTC time as RFC 3339, for `issued_at` (a client may add `expires_in` to it).

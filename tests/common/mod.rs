@@ -1,5 +1,8 @@
-//! Shared helpers for integration tests: an in-process fake upstream (`fake_registry`), real
-//! programs for end-to-end runs (`real`), and small utilities.
+//! Shared helpers for integration tests: an in-process fake upstream (`fake_registry`), entrepot
+//! in-process (`proxy`), real programs for end-to-end runs (`real`, with the clients in
+//! `clients`, authenticated upstreams in `auth_e2e` and OCI checks in `oci_e2e`), and the small
+//! utilities all of them use: HTTP clients, digests, random bytes, config tables, OCI error
+//! bodies, an accept loop.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
 pub mod auth_e2e;
@@ -9,7 +12,18 @@ pub mod oci_e2e;
 pub mod proxy;
 pub mod real;
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+use tokio::task::JoinSet;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// A port that was free a moment ago. Prefer binding `127.0.0.1:0` and passing the listener on;
 /// this is for the rare config that wants a number before anything is bound.
@@ -45,4 +59,85 @@ pub fn client_no_redirect() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("build reqwest client")
+}
+
+/// `sha256:<hex>` of `data`, the form every digest takes in these tests.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// Standard padded base64, as in `Authorization: Basic`.
+pub fn base64_encode(input: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(input)
+}
+
+/// Pseudo-random bytes (xorshift), the same for the same `seed`: incompressible, and distinct
+/// for distinct seeds. Not for anything secret.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// One `[[upstream]]` table of entrepot's config; `extra` holds more keys, one a line.
+pub fn upstream(name: &str, url: &str, default: bool, extra: &str) -> String {
+    format!("[[upstream]]\nname = \"{name}\"\nurl = \"{url}\"\ndefault = {default}\n{extra}\n")
+}
+
+/// The body as JSON (reqwest's `json` feature is off in this crate).
+pub async fn json(resp: reqwest::Response) -> serde_json::Value {
+    serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
+}
+
+/// The entries of an OCI error body, `{"errors": [{"code": ..., "message": ...}, ...]}`, or `Err`
+/// if it is not one.
+pub fn oci_error_entries(body: &[u8]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .with_context(|| format!("not a JSON error body: {:?}", String::from_utf8_lossy(body)))?;
+    v["errors"]
+        .as_array()
+        .cloned()
+        .with_context(|| format!("no `errors` array in {v}"))
+}
+
+/// The `(code, message)` pairs of an OCI error body, or `Err` if it is not one.
+pub fn oci_errors(body: &[u8]) -> anyhow::Result<Vec<(String, String)>> {
+    let text = |e: &serde_json::Value, key: &str| e[key].as_str().unwrap_or_default().to_owned();
+    Ok(oci_error_entries(body)?
+        .iter()
+        .map(|e| (text(e, "code"), text(e, "message")))
+        .collect())
+}
+
+/// The code of the first error in an OCI error body; panics if the body is not one.
+pub async fn error_code(resp: reqwest::Response) -> String {
+    let errors = oci_error_entries(&resp.bytes().await.unwrap()).unwrap();
+    errors[0]["code"].as_str().unwrap().to_string()
+}
+
+/// Accepts connections on `listener` and runs `conn` for each, forever. The connections are
+/// owned by this future, so aborting the task running it ends every one of them too: nothing a
+/// test leaves hanging outlives the server.
+pub async fn serve_connections<F, Fut>(listener: tokio::net::TcpListener, mut conn: F)
+where
+    F: FnMut(tokio::net::TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                conns.spawn(conn(stream));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
 }

@@ -1,26 +1,17 @@
 //! Helpers for the end-to-end OCI tests (`tests/conformance.rs`, `tests/e2e_multiarch.rs`):
 //! plain HTTP requests against a registry with their full answer kept for checks, the OCI error
-//! body rules, a `docker-registry` whose access log can be read (to count upstream requests),
-//! `skopeo copy` with extra flags under a deadline, and multi-platform OCI image layouts.
+//! body rules, and multi-platform OCI image layouts.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use reqwest::{header::HeaderMap, Method, StatusCode};
 
 use super::real::{
-    require_program, sha256_digest, start_on_free_port, Blob, ChildGuard, SeedImage, OCI_CONFIG,
-    OCI_MANIFEST, SKOPEO_TIMEOUT,
+    image_manifest, manifest_blobs, tagged_entry, verified_blob, write_layout, Blob, SeedImage,
 };
-
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+use super::{oci_error_entries, OCI_CONFIG, OCI_INDEX};
 
 /// Ceiling for one HTTP request in a check, so a hanging proxy fails the check instead of the run.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -117,13 +108,10 @@ impl Reply {
             "error body is not application/json: {}",
             self.describe()
         );
-        let body = self.json()?;
-        let errors = body["errors"]
-            .as_array()
-            .with_context(|| format!("no `errors` array: {}", self.describe()))?;
+        let errors = oci_error_entries(&self.body).with_context(|| self.describe())?;
         ensure!(!errors.is_empty(), "empty `errors`: {}", self.describe());
         let mut codes = Vec::new();
-        for e in errors {
+        for e in &errors {
             let code = e["code"]
                 .as_str()
                 .with_context(|| format!("error without a string `code`: {}", self.describe()))?;
@@ -232,188 +220,6 @@ impl Report {
     }
 }
 
-/// A `docker-registry serve` (CNCF distribution 2.8) whose output can be read: its access log
-/// shows every request it handled, which is how a test proves that a pull was served from the
-/// cache. (`real::DockerRegistry` keeps its output private.)
-pub struct LoggedRegistry {
-    pub port: u16,
-    process: ChildGuard,
-    _dir: tempfile::TempDir,
-}
-
-impl LoggedRegistry {
-    pub async fn start(name: &str) -> Result<Self> {
-        let bin = require_program("docker-registry");
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{name}-"))
-            .tempdir()?;
-        let root = dir.path().to_owned();
-        let (port, process) = start_on_free_port(|port| {
-            let config = root.join("config.yml");
-            fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-                     storage:\n  filesystem:\n    rootdirectory: {}\n\
-                     http:\n  addr: 127.0.0.1:{port}\n",
-                    root.join("data").display()
-                ),
-            )?;
-            let mut cmd = Command::new(&bin);
-            cmd.arg("serve").arg(&config);
-            ChildGuard::spawn(name, cmd, root.join("registry.log"))
-        })
-        .await?;
-        Ok(Self {
-            port,
-            process,
-            _dir: dir,
-        })
-    }
-
-    /// `127.0.0.1:<port>`, as used in `docker://` references.
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.host())
-    }
-
-    /// Kills the registry; its port refuses connections afterwards.
-    pub fn stop(&mut self) {
-        self.process.kill();
-    }
-
-    /// Every request in the access log so far, oldest first.
-    pub fn requests(&self) -> Vec<AccessLine> {
-        parse_access_log(&self.process.output())
-    }
-
-    /// The requests whose User-Agent starts with `entrepot/`: what the proxy asked for.
-    pub fn requests_from_entrepot(&self) -> Vec<AccessLine> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.user_agent.starts_with("entrepot/"))
-            .collect()
-    }
-}
-
-/// One line of docker-registry's combined-format access log:
-/// `127.0.0.1 - - [21/Nov/2026:12:50:03 +0000] "GET /v2/r/x/tags/list HTTP/1.1" 200 49 "" "curl/7.88.1"`
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessLine {
-    pub method: String,
-    /// Path and query.
-    pub target: String,
-    pub status: u16,
-    pub user_agent: String,
-}
-
-impl std::fmt::Display for AccessLine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {} -> {} ({})",
-            self.method, self.target, self.status, self.user_agent
-        )
-    }
-}
-
-/// The access lines of a docker-registry log; its other (logrus `time=... msg=...`) lines are
-/// skipped.
-pub fn parse_access_log(log: &str) -> Vec<AccessLine> {
-    log.lines().filter_map(parse_access_line).collect()
-}
-
-fn parse_access_line(line: &str) -> Option<AccessLine> {
-    let rest = &line[line.find("] \"")? + 3..];
-    let (request, rest) = rest.split_once('"')?;
-    let mut request = request.split(' ');
-    let method = request.next()?.to_owned();
-    let target = request.next()?.to_owned();
-    let status = rest.split_whitespace().next()?.parse().ok()?;
-    // The user agent is the last quoted field.
-    let rest = rest.trim_end().strip_suffix('"')?;
-    let user_agent = rest[rest.rfind('"')? + 1..].to_owned();
-    Some(AccessLine {
-        method,
-        target,
-        status,
-        user_agent,
-    })
-}
-
-/// `skopeo [global...] copy [flags...] src dst` over plain HTTP with no credentials and no
-/// signature policy, killed if it outlives [`SKOPEO_TIMEOUT`]. Its output goes to a file in
-/// `log_dir` and into the error.
-pub async fn skopeo_copy_with(
-    log_dir: &Path,
-    global: &[&str],
-    flags: &[&str],
-    src: &str,
-    dst: &str,
-) -> Result<()> {
-    static RUN: AtomicU64 = AtomicU64::new(0);
-    let mut cmd = Command::new(require_program("skopeo"));
-    cmd.arg("--insecure-policy")
-        .args(global)
-        .arg("--command-timeout")
-        .arg(format!("{}s", SKOPEO_TIMEOUT.as_secs()))
-        .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false"])
-        .args(["--src-no-creds", "--dest-no-creds", "--retry-times", "0"])
-        .args(flags)
-        .arg(src)
-        .arg(dst);
-    let described = format!(
-        "skopeo {} copy {} {src} {dst}",
-        global.join(" "),
-        flags.join(" ")
-    );
-    let log = log_dir.join(format!(
-        "skopeo-{}.log",
-        RUN.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut child = ChildGuard::spawn("skopeo", cmd, log)?;
-    // A little beyond skopeo's own timeout, so skopeo normally reports it itself.
-    let deadline = Instant::now() + SKOPEO_TIMEOUT + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.exited() {
-            if status.success() {
-                return Ok(());
-            }
-            bail!("{described} failed with {status}:\n{}", child.output());
-        }
-        if Instant::now() > deadline {
-            child.kill();
-            bail!(
-                "{described} still running after {:?}; killed. Output:\n{}",
-                SKOPEO_TIMEOUT,
-                child.output()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A blob from its media type and bytes.
-pub fn blob(media_type: &'static str, data: Vec<u8>) -> Blob {
-    Blob {
-        media_type,
-        digest: sha256_digest(&data),
-        data,
-    }
-}
-
-/// `{"mediaType", "digest", "size"}` of a blob.
-pub fn descriptor(b: &Blob) -> serde_json::Value {
-    serde_json::json!({
-        "mediaType": b.media_type,
-        "digest": b.digest,
-        "size": b.data.len(),
-    })
-}
-
 /// The image of one platform in an index.
 pub struct PlatformImage {
     pub os: &'static str,
@@ -453,17 +259,11 @@ impl MultiArchImage {
                     serde_json::from_slice(&seed.config.data).expect("seed config is JSON");
                 config["os"] = os.into();
                 config["architecture"] = architecture.into();
-                let config = blob(OCI_CONFIG, serde_json::to_vec(&config).expect("json"));
-                let manifest = serde_json::json!({
-                    "schemaVersion": 2,
-                    "mediaType": OCI_MANIFEST,
-                    "config": descriptor(&config),
-                    "layers": seed.layers.iter().map(descriptor).collect::<Vec<_>>(),
-                });
+                let config = Blob::json(OCI_CONFIG, &config);
                 PlatformImage {
                     os,
                     architecture,
-                    manifest: blob(OCI_MANIFEST, serde_json::to_vec(&manifest).expect("json")),
+                    manifest: image_manifest(&config, &seed.layers),
                     config,
                     layers: seed.layers,
                 }
@@ -473,13 +273,13 @@ impl MultiArchImage {
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
             "manifests": images.iter().map(|i| {
-                let mut d = descriptor(&i.manifest);
+                let mut d = i.manifest.descriptor();
                 d["platform"] = serde_json::json!({ "architecture": i.architecture, "os": i.os });
                 d
             }).collect::<Vec<_>>(),
         });
         Self {
-            index: blob(OCI_INDEX, serde_json::to_vec(&index).expect("json")),
+            index: Blob::json(OCI_INDEX, &index),
             images,
         }
     }
@@ -505,22 +305,12 @@ impl MultiArchImage {
     /// Writes an OCI image layout at `dir` whose `index.json` names the index as `tag`, for
     /// `skopeo copy --all oci:<dir>:<tag> ...`.
     pub fn write_layout(&self, dir: &Path, tag: &str) -> Result<()> {
-        let blobs = dir.join("blobs").join("sha256");
-        fs::create_dir_all(&blobs)?;
-        fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
         let all = std::iter::once(&self.index).chain(
             self.images
                 .iter()
                 .flat_map(|i| [&i.manifest, &i.config].into_iter().chain(i.layers.iter())),
         );
-        for b in all {
-            fs::write(blobs.join(b.digest.trim_start_matches("sha256:")), &b.data)?;
-        }
-        let mut entry = descriptor(&self.index);
-        entry["annotations"] = serde_json::json!({ "org.opencontainers.image.ref.name": tag });
-        let index = serde_json::json!({ "schemaVersion": 2, "manifests": [entry] });
-        fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
-        Ok(())
+        write_layout(dir, all, &self.index, tag)
     }
 }
 
@@ -543,13 +333,7 @@ pub struct PulledChild {
 /// Reads the index tagged `tag` from the OCI layout at `dir`, checking that the index, every
 /// child manifest and every blob they reference are present and hash to their names.
 pub fn read_index_layout(dir: &Path, tag: &str) -> Result<PulledIndex> {
-    let top: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json"))?)?;
-    let entry = top["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .with_context(|| format!("no entry tagged {tag} in {}/index.json", dir.display()))?;
+    let entry = tagged_entry(dir, tag)?;
     ensure!(
         entry["mediaType"] == OCI_INDEX,
         "{tag} in {}/index.json is not an image index: {entry}",
@@ -566,46 +350,18 @@ pub fn read_index_layout(dir: &Path, tag: &str) -> Result<PulledIndex> {
             .as_str()
             .with_context(|| format!("index entry without digest: {child}"))?
             .to_owned();
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&verified_blob(dir, &manifest_digest)?)?;
-        let mut blob_digests = Vec::new();
-        let descriptors = std::iter::once(&manifest["config"])
-            .chain(manifest["layers"].as_array().into_iter().flatten());
-        for d in descriptors {
-            let digest = d["digest"]
-                .as_str()
-                .with_context(|| format!("descriptor without digest in {manifest}"))?;
-            verified_blob(dir, digest)?;
-            blob_digests.push(digest.to_owned());
-        }
         children.push(PulledChild {
             os: child["platform"]["os"].as_str().unwrap_or("").to_owned(),
             architecture: child["platform"]["architecture"]
                 .as_str()
                 .unwrap_or("")
                 .to_owned(),
+            blob_digests: manifest_blobs(dir, &manifest_digest)?,
             manifest_digest,
-            blob_digests,
         });
     }
     Ok(PulledIndex {
         index_digest,
         children,
     })
-}
-
-/// Path of `digest` in the OCI layout (or entrepot store) rooted at `root`.
-pub fn blob_path(root: &Path, digest: &str) -> PathBuf {
-    root.join("blobs")
-        .join("sha256")
-        .join(digest.trim_start_matches("sha256:"))
-}
-
-/// The bytes of `digest` under `root`, checked to hash to it.
-pub fn verified_blob(root: &Path, digest: &str) -> Result<Vec<u8>> {
-    let path = blob_path(root, digest);
-    let data = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let actual = sha256_digest(&data);
-    ensure!(actual == digest, "{} hashes to {actual}", path.display());
-    Ok(data)
 }

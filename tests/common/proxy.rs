@@ -20,11 +20,6 @@ pub struct Proxy {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// One `[[upstream]]` table.
-pub fn upstream(name: &str, url: &str, default: bool, extra: &str) -> String {
-    format!("[[upstream]]\nname = \"{name}\"\nurl = \"{url}\"\ndefault = {default}\n{extra}\n")
-}
-
 impl Proxy {
     /// Starts entrepot with these `[[upstream]]` tables and a fresh store.
     pub async fn start(upstreams: &str) -> Proxy {
@@ -74,6 +69,16 @@ impl Proxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.url)
+    }
+
+    /// `GET <path>` with a fresh test client; panics if there is no answer.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        super::client().get(self.url(path)).send().await.unwrap()
+    }
+
+    /// `HEAD <path>` with a fresh test client; panics if there is no answer.
+    pub async fn head(&self, path: &str) -> reqwest::Response {
+        super::client().head(self.url(path)).send().await.unwrap()
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
@@ -146,18 +151,4 @@ impl Drop for Proxy {
             h.abort();
         }
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so test blobs are incompressible and distinct.
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
