@@ -22,6 +22,9 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::upstream::Upstreams;
 
+/// How often histogram buckets of the metrics recorder are rolled over.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// After the grace period, how long cancelled fills get to clean up their temp files.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
@@ -37,7 +40,10 @@ pub struct Server {
     state: Arc<AppState>,
     clock: Clock,
     tracker: TaskTracker,
+    /// Fired after the grace period: cancels fills still running.
     cancel: CancellationToken,
+    /// Fired when shutdown begins: stops background work (sweeper, metrics upkeep).
+    stopping: CancellationToken,
 }
 
 impl Server {
@@ -49,6 +55,7 @@ impl Server {
         let cancel = CancellationToken::new();
         let store = Store::open(
             &config.storage.root,
+            config.storage.max_size,
             clock.clone(),
             tracker.clone(),
             cancel.clone(),
@@ -58,16 +65,21 @@ impl Server {
             source,
         })?;
         let upstreams = Upstreams::new(&config.upstreams, clock.clone())?;
+        let metrics = crate::metrics::install();
+        crate::metrics::cache_max(config.storage.max_size);
         Ok(Server {
             state: Arc::new(AppState {
+                admin_on_main: config.server.admin_listen.is_none(),
                 config,
                 store: Arc::new(store),
                 upstreams,
                 manifest_flights: Default::default(),
+                metrics,
             }),
             clock,
             tracker,
             cancel,
+            stopping: CancellationToken::new(),
         })
     }
 
@@ -80,14 +92,35 @@ impl Server {
         self.state.store.clone()
     }
 
-    /// Serves `listener` until `shutdown` resolves, then drains.
+    /// Serves `listener` until `shutdown` resolves, then drains. Operator endpoints are served
+    /// on it too (configurations without `admin_listen`).
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
+        self.run_with_admin(listener, None, shutdown).await
+    }
+
+    /// Like `run`, with a separate listener for `/metrics`, `/healthz` and `/readyz` (bound by
+    /// the caller from `server.admin_listen`).
+    pub async fn run_with_admin(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
         let builder = auto::Builder::new(TokioExecutor::new());
         let graceful = GracefulShutdown::new();
+        self.spawn_background();
+        if let Some(admin) = admin {
+            self.tracker.spawn(serve_admin(
+                admin,
+                self.state.clone(),
+                self.tracker.clone(),
+                self.stopping.clone(),
+            ));
+        }
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -118,6 +151,7 @@ impl Server {
                 _ = &mut shutdown => break,
             }
         }
+        self.stopping.cancel();
         drop(listener);
         let grace = self.state.config.server.shutdown_grace;
         let store = self.state.store.clone();
@@ -148,5 +182,83 @@ impl Server {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+impl Server {
+    /// Background work, tracked and stopped when shutdown begins.
+    fn spawn_background(&self) {
+        let cfg = &self.state.config;
+        let upstreams = cfg.upstreams.clone();
+        let names: Arc<dyn Fn(&str) -> String + Send + Sync> = Arc::new(move |n: &str| {
+            upstreams
+                .iter()
+                .find(|u| u.matches(n))
+                .map_or_else(|| n.to_string(), |u| u.name.clone())
+        });
+        self.tracker.spawn(crate::cache::evict::sweeper(
+            self.state.store.clone(),
+            cfg.storage.clone(),
+            cfg.pins.clone(),
+            names,
+            self.stopping.clone(),
+        ));
+        let handle = self.state.metrics.clone();
+        let stopping = self.stopping.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => handle.run_upkeep(),
+                    _ = stopping.cancelled() => break,
+                }
+            }
+        });
+    }
+}
+
+/// The operator listener: `/metrics`, `/healthz`, `/readyz`, nothing else.
+async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    tracker: TaskTracker,
+    stopping: CancellationToken,
+) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopping.cancelled() => return,
+        };
+        let state = state.clone();
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let state = state.clone();
+            async move {
+                let head = req.method() == hyper::Method::HEAD;
+                let resp = match http::admin::serve(&state, req.uri().path(), head).await {
+                    Some(r) => r,
+                    None => crate::error::ApiError::Route(crate::oci::RouteError::NotFound)
+                        .into_response(crate::oci::Kind::Other, head),
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let stopping = stopping.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                _ = stopping.cancelled() => {}
+            }
+        });
     }
 }

@@ -14,6 +14,16 @@ pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
     pub upstreams: Vec<UpstreamConfig>,
+    /// Images never evicted (`[[pin]] image = "docker.io/library/alpine:3.20"`).
+    pub pins: Vec<PinConfig>,
+}
+
+/// A pinned image: an upstream, a repository and a tag or digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinConfig {
+    pub upstream: String,
+    pub repo: crate::oci::RepoName,
+    pub reference: crate::oci::Reference,
 }
 
 #[derive(Debug, Clone)]
@@ -21,6 +31,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// How long fills in progress may run on after SIGTERM/SIGINT before they are cancelled.
     pub shutdown_grace: Duration,
+    /// A separate listener for `/metrics`, `/healthz` and `/readyz`; without it they are served
+    /// on `listen` too.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +41,12 @@ pub struct StorageConfig {
     pub root: PathBuf,
     /// Manifests larger than this are refused (they are read whole into memory).
     pub max_manifest_size: u64,
+    /// When the store grows past this, least recently used images are evicted down to
+    /// `low_water`. `None`: unbounded.
+    pub max_size: Option<u64>,
+    pub low_water: Option<u64>,
+    /// How often the background sweeper checks size, orphan temp files and dangling metadata.
+    pub sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +101,14 @@ struct RawConfig {
     storage: RawStorage,
     #[serde(default)]
     upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    pin: Vec<RawPin>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPin {
+    image: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +116,7 @@ struct RawConfig {
 struct RawServer {
     listen: Option<String>,
     shutdown_grace: Option<String>,
+    admin_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +124,9 @@ struct RawServer {
 struct RawStorage {
     root: Option<PathBuf>,
     max_manifest_size: Option<String>,
+    max_size: Option<String>,
+    low_water: Option<String>,
+    sweep_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +156,7 @@ pub const DEFAULT_ROOT: &str = "./entrepot-data";
 const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_MANIFEST: u64 = 4 << 20;
+const DEFAULT_SWEEP: Duration = Duration::from_secs(10 * 60);
 
 /// The registries proxied when the configuration names none.
 fn builtin_upstreams() -> Vec<RawUpstream> {
@@ -194,6 +226,45 @@ impl Config {
         let max_manifest_size =
             opt_size("storage.max_manifest_size", &raw.storage.max_manifest_size)?
                 .unwrap_or(DEFAULT_MAX_MANIFEST);
+        let admin_listen = raw
+            .server
+            .admin_listen
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>().map_err(|_| {
+                    invalid(
+                        "server.admin_listen",
+                        format!("{a:?} is not an address like \"127.0.0.1:9090\""),
+                    )
+                })
+            })
+            .transpose()?;
+        let max_size = opt_size("storage.max_size", &raw.storage.max_size)?;
+        let low_water = match (&raw.storage.low_water, max_size) {
+            (Some(_), None) => return Err(invalid("storage.low_water", "needs storage.max_size")),
+            (Some(v), Some(max)) => {
+                let lw = parse_size_or_percent(v, max).ok_or_else(|| {
+                    invalid(
+                        "storage.low_water",
+                        format!("{v:?} is not a size like \"180GiB\" or a percentage like \"90%\""),
+                    )
+                })?;
+                if lw > max {
+                    return Err(invalid(
+                        "storage.low_water",
+                        "must not be above storage.max_size",
+                    ));
+                }
+                Some(lw)
+            }
+            (None, Some(max)) => Some(max / 10 * 9),
+            (None, None) => None,
+        };
+        let sweep_interval = opt_duration("storage.sweep_interval", &raw.storage.sweep_interval)?
+            .unwrap_or(DEFAULT_SWEEP);
+        if sweep_interval.is_zero() {
+            return Err(invalid("storage.sweep_interval", "must be longer than 0s"));
+        }
 
         let raw_upstreams = if raw.upstream.is_empty() {
             builtin_upstreams()
@@ -217,16 +288,38 @@ impl Config {
                 "only one upstream may be the default",
             ));
         }
+        let pins = raw
+            .pin
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let key = format!("pin[{i}].image");
+                let image = p.image.ok_or_else(|| invalid(&key, "is required"))?;
+                let pin = parse_image_ref(&image).map_err(|e| invalid(&key, e))?;
+                if !upstreams.iter().any(|u| u.matches(&pin.upstream)) {
+                    return Err(invalid(
+                        &key,
+                        format!("{image:?} names no configured upstream"),
+                    ));
+                }
+                Ok(pin)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             server: ServerConfig {
                 listen,
                 shutdown_grace,
+                admin_listen,
             },
             storage: StorageConfig {
                 root,
                 max_manifest_size,
+                max_size,
+                low_water,
+                sweep_interval,
             },
             upstreams,
+            pins,
         })
     }
 }
@@ -362,6 +455,48 @@ fn opt_size(key: &str, v: &Option<String>) -> Result<Option<u64>, ConfigError> {
         .transpose()
 }
 
+/// A size, or a percentage of `of` (`"90%"`).
+fn parse_size_or_percent(s: &str, of: u64) -> Option<u64> {
+    match s.trim().strip_suffix('%') {
+        Some(p) => {
+            let p: u64 = p.trim().parse().ok().filter(|p| *p <= 100)?;
+            Some(of / 100 * p)
+        }
+        None => parse_size(s),
+    }
+}
+
+/// `docker.io/library/alpine:3.20`, `ghcr.io/org/app@sha256:...`: the first component names
+/// the upstream; a bare `alpine:3.20` is refused (say which registry).
+pub fn parse_image_ref(s: &str) -> Result<PinConfig, String> {
+    use crate::oci::{Reference, RepoName};
+    let (upstream, rest) = s.split_once('/').ok_or_else(|| {
+        format!("{s:?} must start with the registry, as in docker.io/library/alpine:3.20")
+    })?;
+    let (name, reference) = if let Some((n, d)) = rest.split_once('@') {
+        (n, d.to_string())
+    } else {
+        match rest.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t.to_string()),
+            _ => (rest, "latest".to_string()),
+        }
+    };
+    let mut repo: RepoName = name
+        .parse()
+        .map_err(|e| format!("{s:?}: repository {name:?}: {e}"))?;
+    if upstream == "docker.io" {
+        repo = repo.with_library_prefix();
+    }
+    let reference: Reference = reference
+        .parse()
+        .map_err(|e| format!("{s:?}: reference {reference:?}: {e}"))?;
+    Ok(PinConfig {
+        upstream: upstream.to_string(),
+        repo,
+        reference,
+    })
+}
+
 /// `123`, `4KiB`, `4MiB`, `200GiB`, `1TiB` (and the decimal `KB`, `MB`, `GB`, `TB`).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -464,6 +599,49 @@ mod tests {
         assert!(e.contains("username and password go together"), "{e}");
         let e = err("[storage]\nmax_manifest_size = \"lots\"");
         assert!(e.starts_with("storage.max_manifest_size:"), "{e}");
+    }
+
+    #[test]
+    fn storage_bounds_and_pins() {
+        let c = Config::parse(
+            "[storage]\nmax_size = \"10GiB\"\n\
+             [[upstream]]\nname = \"docker.io\"\nurl = \"http://x\"\n\
+             [[pin]]\nimage = \"docker.io/alpine:3.20\"\n\
+             [[pin]]\nimage = \"docker.io/org/app@sha256:{}\"\n"
+                .replace("{}", &"a".repeat(64))
+                .as_str(),
+        )
+        .unwrap();
+        assert_eq!(c.storage.max_size, Some(10 << 30));
+        assert_eq!(c.storage.low_water, Some((10u64 << 30) / 10 * 9));
+        assert_eq!(c.pins[0].repo.as_str(), "library/alpine");
+        assert_eq!(c.pins[0].reference.to_string(), "3.20");
+        assert!(matches!(
+            c.pins[1].reference,
+            crate::oci::Reference::Digest(_)
+        ));
+        let c = Config::parse("[storage]\nmax_size = \"1000\"\nlow_water = \"50%\"").unwrap();
+        assert_eq!(c.storage.low_water, Some(500));
+        let e = err("[storage]\nlow_water = \"5GiB\"");
+        assert!(
+            e.contains("storage.low_water: needs storage.max_size"),
+            "{e}"
+        );
+        let e = err("[storage]\nmax_size = \"1GiB\"\nlow_water = \"2GiB\"");
+        assert!(e.contains("must not be above"), "{e}");
+        let e =
+            err("[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\n[[pin]]\nimage = \"b.io/x:1\"");
+        assert!(
+            e.contains("pin[0].image") && e.contains("no configured upstream"),
+            "{e}"
+        );
+        let e = err("[[pin]]\nimage = \"alpine\"");
+        assert!(
+            e.contains("pin[0].image") && e.contains("must start with the registry"),
+            "{e}"
+        );
+        let e = err("[server]\nadmin_listen = \"x\"");
+        assert!(e.starts_with("server.admin_listen"), "{e}");
     }
 
     #[test]

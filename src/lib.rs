@@ -28,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod oci;
 pub mod upstream;
 

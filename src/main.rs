@@ -101,12 +101,25 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let listen = cfg.server.listen;
+    let admin_listen = cfg.server.admin_listen;
     let server = Server::new(cfg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    server.run(listener, shutdown_signal()).await?;
+    let admin = match admin_listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (server.admin_listen)"))?;
+            tracing::info!(admin_addr = %l.local_addr()?, "operator endpoints listening");
+            Some(l)
+        }
+        None => None,
+    };
+    server
+        .run_with_admin(listener, admin, shutdown_signal())
+        .await?;
     Ok(())
 }
 

@@ -65,6 +65,7 @@ pub struct Fill {
     pub digest: Digest,
     source: FillSource,
     progress: watch::Receiver<Progress>,
+    temp_name: std::sync::OnceLock<String>,
 }
 
 impl Fill {
@@ -74,6 +75,11 @@ impl Fill {
 
     pub fn source(&self) -> &FillSource {
         &self.source
+    }
+
+    /// The name of this fill's temp file, once created.
+    pub fn temp_name(&self) -> Option<String> {
+        self.temp_name.get().cloned()
     }
 
     /// Waits until the upstream has answered (or the fill failed) and returns that state.
@@ -104,6 +110,7 @@ pub(super) fn new_fill(digest: Digest, source: FillSource) -> (Arc<Fill>, watch:
         digest,
         source,
         progress: rx,
+        temp_name: std::sync::OnceLock::new(),
     });
     (fill, tx)
 }
@@ -129,6 +136,9 @@ pub(super) async fn run(
             tracing::info!(digest = %fill.digest, upstream = %fill.source.upstream.name(), repository = %fill.source.repo, bytes = size, duration_ms = started.elapsed().as_millis() as u64, "blob cached");
         }
         Err(e) => {
+            if matches!(e, FillError::Storage(_)) {
+                crate::metrics::storage_error();
+            }
             tracing::warn!(digest = %fill.digest, upstream = %fill.source.upstream.name(), repository = %fill.source.repo, error = %e, "blob fill failed; nothing stored");
             tx.send_replace(Progress::Failed(e));
         }
@@ -152,6 +162,7 @@ async fn fill_blob(
     let temp = TempFile::create(store.tmp_dir(), digest.hex())
         .await
         .map_err(storage_error)?;
+    let _ = fill.temp_name.set(temp.name());
     let mut headers = HeaderMap::new();
     headers.insert(
         header::ACCEPT_ENCODING,
@@ -206,6 +217,7 @@ async fn fill_blob(
             }
         }
         submitted += buf.len() as u64;
+        crate::metrics::upstream_bytes(up.name(), buf.len() as u64);
         if total.is_some_and(|t| submitted > t) {
             return Err(up
                 .error(UpstreamErrorKind::Protocol(
@@ -227,9 +239,13 @@ async fn fill_blob(
         file,
         size: written,
     });
-    if let Err(e) = temp.commit(store.blob_path(digest)).await {
-        // Every follower already has its verified bytes; only the cached copy is lost.
-        tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
+    match temp.commit(store.blob_path(digest)).await {
+        Ok(()) => store.committed(digest, written),
+        Err(e) => {
+            // Every follower already has its verified bytes; only the cached copy is lost.
+            crate::metrics::storage_error();
+            tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
+        }
     }
     Ok(written)
 }

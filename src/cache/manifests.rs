@@ -55,6 +55,7 @@ impl Store {
         let blob = self.blob_path(&m.digest);
         if !tokio::fs::try_exists(&blob).await.unwrap_or(false) {
             temp::write_atomic(self.tmp_dir(), m.digest.hex(), blob, m.body.clone()).await?;
+            self.committed(&m.digest, m.body.len() as u64);
         }
         temp::write_atomic(
             self.tmp_dir(),

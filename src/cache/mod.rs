@@ -8,12 +8,15 @@
 //! <root>/tmp/                                 fills in progress; emptied at start-up
 //! ```
 
+pub mod evict;
 pub mod fill;
+pub mod inventory;
 pub mod manifests;
 mod mapped;
 pub mod read;
 pub mod tags;
 mod temp;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::io;
@@ -55,6 +58,10 @@ pub struct Store {
     /// Mappings of recently served blobs, so a hit costs no system call.
     mapped: moka::sync::Cache<Digest, Bytes>,
     pub tags: TagIndex,
+    pub usage: Arc<usage::Usage>,
+    max_size: Option<u64>,
+    /// Woken when a commit takes the store past `max_size`, so eviction starts at once.
+    pub over_limit: tokio::sync::Notify,
 }
 
 impl Store {
@@ -62,6 +69,7 @@ impl Store {
     /// there was left by a process that stopped mid-fill and is unverified.
     pub fn open(
         root: &Path,
+        max_size: Option<u64>,
         clock: Clock,
         tracker: TaskTracker,
         cancel: CancellationToken,
@@ -93,6 +101,9 @@ impl Store {
                 .max_capacity(64 << 20)
                 .build(),
             mapped: moka::sync::Cache::new(MAPPED_BLOBS),
+            usage: Arc::new(usage::Usage::default()),
+            max_size,
+            over_limit: tokio::sync::Notify::new(),
         })
     }
 
@@ -116,7 +127,9 @@ impl Store {
     }
 
     pub(crate) fn forget_fill(&self, digest: &Digest) {
-        self.fills.lock().unwrap().remove(digest);
+        let mut fills = self.fills.lock().unwrap();
+        fills.remove(digest);
+        crate::metrics::fills(fills.len());
     }
 
     /// Looks a blob up. With a `source`, a miss starts a fill (or joins one that another request
@@ -168,6 +181,7 @@ impl Store {
             }
             let (fill, tx) = fill::new_fill(digest.clone(), source);
             fills.insert(digest.clone(), fill.clone());
+            crate::metrics::fills(fills.len());
             drop(fills);
             self.tracker.spawn(fill::run(
                 self.clone(),
@@ -180,6 +194,65 @@ impl Store {
                 joined: false,
             });
         }
+    }
+
+    /// A blob of `size` bytes was committed.
+    pub(crate) fn committed(&self, digest: &Digest, size: u64) {
+        self.usage.added(size);
+        self.usage.touch(digest);
+        if self.max_size.is_some_and(|m| self.usage.bytes() > m) {
+            self.over_limit.notify_one();
+        }
+    }
+
+    /// Temp file names of the fills running now (the sweeper leaves them alone).
+    pub(crate) fn active_temp_names(&self) -> std::collections::HashSet<String> {
+        self.fills
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|f| f.temp_name())
+            .collect()
+    }
+
+    /// Removes what an eviction plan names, from disk and from every in-memory cache.
+    pub async fn remove(&self, plan: &evict::Plan) -> io::Result<()> {
+        if plan.blobs.is_empty() && plan.tags.is_empty() {
+            return Ok(());
+        }
+        // Tags first, in memory too, so no request resolves a tag to what is being removed.
+        for t in &plan.tags {
+            self.tags.forget(&t.upstream, &t.repo, &t.tag);
+        }
+        let root = self.root.clone();
+        let p = evict::Plan {
+            tags: plan.tags.clone(),
+            manifests: plan.manifests.clone(),
+            blobs: plan.blobs.clone(),
+            freed: plan.freed,
+            protected_units: plan.protected_units,
+        };
+        tokio::task::spawn_blocking(move || evict::apply(&root, &p))
+            .await
+            .map_err(io::Error::other)??;
+        for d in &plan.blobs {
+            self.mapped.invalidate(d);
+            self.manifest_cache.invalidate(d);
+        }
+        self.usage.removed(&plan.blobs);
+        self.usage.set_totals(
+            self.usage.bytes().saturating_sub(plan.freed),
+            self.usage.entries().saturating_sub(plan.blobs.len() as u64),
+        );
+        crate::metrics::evicted(plan.blobs.len() as u64, plan.freed);
+        Ok(())
+    }
+
+    /// Can the store take writes? Creates and removes a file in the temp folder.
+    pub async fn check_writable(&self) -> io::Result<()> {
+        let probe = self.tmp.join(format!("ready-probe.{}", std::process::id()));
+        tokio::fs::write(&probe, b"ok").await?;
+        tokio::fs::remove_file(&probe).await
     }
 
     /// Number of fills running now.

@@ -66,6 +66,17 @@ impl TagIndex {
             .join(tag.as_str())
     }
 
+    /// Drops a mapping from memory (its file is removed by the caller).
+    pub fn forget(&self, upstream: &str, repo: &str, tag: &str) {
+        let (Ok(repo), Ok(tag)) = (repo.parse::<RepoName>(), tag.parse::<Tag>()) else {
+            return;
+        };
+        self.mem
+            .lock()
+            .unwrap()
+            .remove(&(Arc::from(upstream), repo, tag));
+    }
+
     /// Is this entry still within `ttl` of its last confirmation?
     pub fn is_fresh(&self, entry: &TagEntry, ttl: Duration) -> bool {
         self.clock.now().saturating_duration_since(entry.fetched) < ttl

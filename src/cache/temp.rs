@@ -42,6 +42,14 @@ impl TempFile {
         })
     }
 
+    /// The file's name in the temp folder.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     /// The open file: writers append through it, readers `pread` from it, and both keep working
     /// after the rename in `commit` (the inode stays the same).
     pub fn file(&self) -> &Arc<File> {

@@ -131,6 +131,13 @@ impl Drop for LoggedBody {
         let complete = !self.failed
             && (self.complete || self.inner.is_end_stream() || self.expected == Some(self.bytes));
         let i = &self.info;
+        crate::metrics::request(
+            i.upstream.as_deref().unwrap_or("-"),
+            i.kind.as_str(),
+            self.outcome.as_str(),
+            self.status,
+            self.bytes,
+        );
         tracing::info!(
             target: "entrepot::access",
             remote = %i.remote,

@@ -37,8 +37,14 @@ pub async fn serve(
         .map_err(ApiError::internal)?;
     match found {
         BlobState::Hit { data } => {
+            state.store.usage.touch(&digest);
+            let reading = state.store.usage.reading(&digest);
             let r = respond(&digest, data.len() as u64, range, ctx.head, |start, end| {
-                body::stream(read::slices(data.slice(start as usize..end as usize)))
+                let slices = read::slices(data.slice(start as usize..end as usize));
+                // The guard lives as long as the body: the blob is not evicted under a reader.
+                body::stream(slices.inspect(move |_| {
+                    let _ = &reading;
+                }))
             })?;
             Ok(with_outcome(r, Outcome::Hit))
         }

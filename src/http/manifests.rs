@@ -120,6 +120,7 @@ async fn serve_entry(
     outcome: Outcome,
 ) -> Result<Response<Body>, ApiError> {
     if ctx.head {
+        state.store.usage.touch(&entry.digest);
         return Ok(with_outcome(
             head_response(&entry.digest, &entry.media_type, entry.size),
             outcome,
@@ -173,7 +174,12 @@ async fn tag_miss(state: &AppState, ctx: &Ctx, tag: &Tag) -> Result<Response<Bod
 
 async fn stored(state: &AppState, digest: &Digest) -> Option<Arc<StoredManifest>> {
     match state.store.manifest(digest).await {
-        Ok(m) => m,
+        Ok(m) => {
+            if m.is_some() {
+                state.store.usage.touch(digest);
+            }
+            m
+        }
         Err(e) => {
             tracing::warn!(digest = %digest, error = %e, "could not read stored manifest");
             None
@@ -358,6 +364,7 @@ async fn fetch_upstream(
         body,
     });
     if let Err(e) = store.put_manifest(m.clone()).await {
+        crate::metrics::storage_error();
         tracing::error!(digest = %m.digest, error = %e, "could not store manifest; serving it uncached");
     }
     Ok(m)

@@ -2,6 +2,7 @@
 //! handlers for blobs, manifests and the forwarded endpoints.
 
 pub mod access_log;
+pub mod admin;
 mod blobs;
 pub mod body;
 mod manifests;
@@ -27,6 +28,9 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub upstreams: Upstreams,
     pub manifest_flights: manifests::ManifestFlights,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Serve `/metrics`, `/healthz`, `/readyz` on the registry listener too (no `admin_listen`).
+    pub admin_on_main: bool,
 }
 
 /// One proxied request after routing.
@@ -69,7 +73,16 @@ pub async fn handle<B>(
         started: Instant::now(),
     };
     let head = req.method() == Method::HEAD;
-    let mut resp = match route(&state, &req, &mut info).await {
+    let admin = if state.admin_on_main && !info.path.starts_with("/v2") {
+        admin::serve(&state, &info.path, head).await
+    } else {
+        None
+    };
+    let routed = match admin {
+        Some(r) => Ok(with_outcome(r, Outcome::Hit)),
+        None => route(&state, &req, &mut info).await,
+    };
+    let mut resp = match routed {
         Ok(r) => r,
         Err(e) => {
             let mut r = e.into_response(info.kind, head);

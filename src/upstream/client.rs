@@ -11,6 +11,7 @@ use super::auth::{self, AuthState, Challenge, TokenResponse};
 use super::{UpstreamError, UpstreamErrorKind};
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
+use crate::metrics;
 use crate::oci::RepoName;
 
 const MAX_REDIRECTS: usize = 10;
@@ -86,7 +87,10 @@ impl Upstream {
         let count = 1 + self.config.mirrors.len();
         let mut last = None;
         for (i, base) in endpoints.enumerate() {
-            match self.send_to(base, req).await {
+            let started = tokio::time::Instant::now();
+            let result = self.send_to(base, req).await;
+            self.record(&result, started.elapsed());
+            match result {
                 Ok(resp) => return Ok(resp),
                 Err(kind) if kind.is_unavailable() && i + 1 < count => {
                     tracing::warn!(upstream = %self.name, endpoint = i, error = %kind, "upstream endpoint unavailable, trying the next mirror");
@@ -96,6 +100,35 @@ impl Upstream {
             }
         }
         Err(self.error(last.unwrap_or(UpstreamErrorKind::Unreachable("no endpoint"))))
+    }
+
+    /// Metrics for one exchange with an endpoint.
+    fn record(
+        &self,
+        result: &Result<reqwest::Response, UpstreamErrorKind>,
+        took: std::time::Duration,
+    ) {
+        let status = match result {
+            Ok(r) => Some(r.status().as_u16()),
+            Err(UpstreamErrorKind::NotFound) => Some(404),
+            Err(UpstreamErrorKind::Denied) => Some(403),
+            Err(UpstreamErrorKind::RateLimited { .. }) => Some(429),
+            Err(UpstreamErrorKind::Status(s)) => Some(*s),
+            Err(_) => None,
+        };
+        metrics::upstream_request(&self.name, status, took);
+        if let Err(kind) = result {
+            let label = match kind {
+                UpstreamErrorKind::NotFound => return,
+                UpstreamErrorKind::Unreachable(_) => "unreachable",
+                UpstreamErrorKind::Timeout => "timeout",
+                UpstreamErrorKind::RateLimited { .. } => "rate_limited",
+                UpstreamErrorKind::Denied => "denied",
+                UpstreamErrorKind::Status(_) => "status",
+                _ => "protocol",
+            };
+            metrics::upstream_error(&self.name, label);
+        }
     }
 
     async fn send_to(
@@ -145,6 +178,9 @@ impl Upstream {
                     }
                     None => return Err(UpstreamErrorKind::Denied),
                 }
+            }
+            if let Some(remaining) = ratelimit_remaining(resp.headers()) {
+                metrics::ratelimit_remaining(&self.name, remaining);
             }
             return classify(resp);
         }
@@ -283,6 +319,12 @@ impl Upstream {
             UpstreamErrorKind::Unreachable("request failed")
         }
     }
+}
+
+/// `RateLimit-Remaining: 76;w=21600` (Docker Hub) → 76.
+fn ratelimit_remaining(headers: &HeaderMap) -> Option<f64> {
+    let v = headers.get("ratelimit-remaining")?.to_str().ok()?;
+    v.split(';').next()?.trim().parse().ok()
 }
 
 /// Upstream status → success or error kind.

@@ -1,0 +1,393 @@
+//! Keeping the store under `storage.max_size`: an image-aware least-recently-used plan, applied
+//! by a background sweeper that also removes orphan temp files and dangling metadata. Serving
+//! never waits for it.
+//!
+//! The unit of eviction is an image: a manifest no other manifest references, with everything
+//! it references (an index, its platform manifests, configs and layers). Its last use is the
+//! latest use of any of its parts. Evicting an image removes its tags first, then its manifests,
+//! then every blob no remaining image still references, so a tag never resolves to a manifest
+//! whose layers are gone. Blobs outside any image (fetched by digest alone) are units of their
+//! own. Images that are pinned, or that a client is reading, are never evicted; an image that
+//! only shares a layer with a pinned one may be (the shared layer stays).
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::inventory::{self, Inventory, TagRef};
+use super::Store;
+use crate::config::{PinConfig, StorageConfig};
+use crate::oci::{Digest, Reference};
+
+/// What one eviction run removes.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub tags: Vec<TagRef>,
+    pub manifests: Vec<Digest>,
+    pub blobs: Vec<Digest>,
+    pub freed: u64,
+    /// Images kept although old enough, because they are pinned or in use.
+    pub protected_units: usize,
+}
+
+/// Everything pinned: the closures of the pinned tags and digests that are in the store.
+pub fn pinned(
+    inv: &Inventory,
+    pins: &[PinConfig],
+    upstream_of: impl Fn(&str) -> String,
+) -> HashSet<Digest> {
+    let mut out = HashSet::new();
+    for pin in pins {
+        let upstream = upstream_of(&pin.upstream);
+        let roots: Vec<Digest> = match &pin.reference {
+            Reference::Digest(d) => vec![d.clone()],
+            Reference::Tag(t) => inv
+                .tags
+                .iter()
+                .filter(|r| {
+                    r.upstream == upstream && r.repo == pin.repo.as_str() && r.tag == t.as_str()
+                })
+                .map(|r| r.digest.clone())
+                .collect(),
+        };
+        for r in roots {
+            out.extend(inv.closure(&r));
+        }
+    }
+    out
+}
+
+/// Chooses what to remove to free at least `must_free` bytes, least recently used first.
+/// `last_use` gives a blob's last use (unix seconds); `protected` blobs keep their whole image.
+pub fn plan(
+    inv: &Inventory,
+    must_free: u64,
+    last_use: impl Fn(&Digest) -> u64,
+    protected: &HashSet<Digest>,
+) -> Plan {
+    // Units: images (closures of root manifests), then blobs in no image.
+    let mut units: Vec<HashSet<Digest>> = inv.roots().iter().map(|r| inv.closure(r)).collect();
+    let in_images: HashSet<&Digest> = units.iter().flatten().collect();
+    let orphans: Vec<HashSet<Digest>> = inv
+        .blobs
+        .keys()
+        .filter(|d| !in_images.contains(d))
+        .map(|d| HashSet::from([d.clone()]))
+        .collect();
+    units.extend(orphans);
+    let mut refs: HashMap<Digest, usize> = HashMap::new();
+    for u in &units {
+        for d in u {
+            *refs.entry(d.clone()).or_insert(0) += 1;
+        }
+    }
+    let mut order: Vec<(u64, usize)> = units
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.iter().map(&last_use).max().unwrap_or(0), i))
+        .collect();
+    order.sort();
+
+    let mut p = Plan::default();
+    let mut removed: HashSet<Digest> = HashSet::new();
+    for (_, i) in order {
+        if p.freed >= must_free {
+            break;
+        }
+        let unit = &units[i];
+        // Skipped only if evicting it would remove a protected blob: a blob that a kept image
+        // also references stays anyway.
+        if unit.iter().any(|d| protected.contains(d) && refs[d] == 1) {
+            p.protected_units += 1;
+            continue;
+        }
+        for d in unit {
+            let n = refs.get_mut(d).expect("counted above");
+            *n -= 1;
+            if *n == 0 && removed.insert(d.clone()) {
+                p.freed += inv.blobs.get(d).map_or(0, |(s, _)| *s);
+                if inv.manifests.contains_key(d) {
+                    p.manifests.push(d.clone());
+                }
+                p.blobs.push(d.clone());
+            }
+        }
+    }
+    p.tags = inv
+        .tags
+        .iter()
+        .filter(|t| removed.contains(&t.digest))
+        .cloned()
+        .collect();
+    p.blobs.sort();
+    p.manifests.sort();
+    p
+}
+
+/// Removes what the plan says from the folder: tags, then manifest records, then blobs.
+/// Blocking. Files already gone are fine (another process may have removed them).
+pub fn apply(root: &Path, p: &Plan) -> io::Result<()> {
+    let gone_ok = |r: io::Result<()>| match r {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    for t in &p.tags {
+        gone_ok(std::fs::remove_file(&t.path))?;
+    }
+    for d in &p.manifests {
+        gone_ok(std::fs::remove_file(
+            root.join("meta/manifests")
+                .join(d.algorithm().as_str())
+                .join(d.hex()),
+        ))?;
+    }
+    for d in &p.blobs {
+        gone_ok(std::fs::remove_file(
+            root.join("blobs")
+                .join(d.algorithm().as_str())
+                .join(d.hex()),
+        ))?;
+    }
+    Ok(())
+}
+
+/// The store's background upkeep: exact totals at start-up, eviction whenever the store is
+/// over `max_size` (checked every `sweep_interval`, and at once when a commit crosses it),
+/// orphan temp files and dangling metadata, and saving access times.
+pub async fn sweeper(
+    store: Arc<Store>,
+    cfg: StorageConfig,
+    pins: Vec<PinConfig>,
+    upstream_names: Arc<dyn Fn(&str) -> String + Send + Sync>,
+    stopping: CancellationToken,
+) {
+    let access_path = store.root().join("meta/access");
+    {
+        let usage = store.usage.clone();
+        let p = access_path.clone();
+        let _ = tokio::task::spawn_blocking(move || usage.load(&p)).await;
+    }
+    loop {
+        if let Err(e) = sweep_once(&store, &cfg, &pins, &upstream_names).await {
+            tracing::error!(error = %e, "store sweep failed");
+        }
+        let usage = store.usage.clone();
+        let p = access_path.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || usage.save(&p)).await {
+            tracing::warn!(error = %e, "could not save access times");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.sweep_interval) => {}
+            _ = store.over_limit.notified() => {}
+            _ = stopping.cancelled() => break,
+        }
+    }
+    let usage = store.usage.clone();
+    let _ = tokio::task::spawn_blocking(move || usage.save(&access_path)).await;
+}
+
+async fn sweep_once(
+    store: &Arc<Store>,
+    cfg: &StorageConfig,
+    pins: &[PinConfig],
+    upstream_names: &Arc<dyn Fn(&str) -> String + Send + Sync>,
+) -> io::Result<()> {
+    let root = store.root().to_path_buf();
+    let inv = {
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || inventory::scan(&root))
+            .await
+            .map_err(io::Error::other)??
+    };
+    store
+        .usage
+        .set_totals(inv.total_bytes(), inv.blobs.len() as u64);
+    for p in &inv.dangling_manifest_meta {
+        let _ = std::fs::remove_file(p);
+    }
+    sweep_temp(store, cfg.sweep_interval).await;
+    let (Some(max), Some(low)) = (cfg.max_size, cfg.low_water) else {
+        return Ok(());
+    };
+    let total = inv.total_bytes();
+    if total <= max {
+        return Ok(());
+    }
+    let mut protected = pinned(&inv, pins, |u| upstream_names(u));
+    protected.extend(store.usage.in_use());
+    let usage = store.usage.clone();
+    let p = plan(
+        &inv,
+        total - low,
+        |d| {
+            usage
+                .last_use(d)
+                .unwrap_or_else(|| inv.blobs.get(d).map_or(0, |(_, m)| *m))
+        },
+        &protected,
+    );
+    store.remove(&p).await?;
+    let left = total - p.freed;
+    tracing::info!(
+        before = total,
+        after = left,
+        freed = p.freed,
+        blobs = p.blobs.len(),
+        manifests = p.manifests.len(),
+        tags = p.tags.len(),
+        kept_pinned_or_in_use = p.protected_units,
+        "evicted least recently used images"
+    );
+    if left > low {
+        tracing::warn!(
+            size = left,
+            low_water = low,
+            "store still above its low-water mark: the rest is pinned or in use"
+        );
+    }
+    Ok(())
+}
+
+/// Temp files older than `age` that no fill owns are leftovers of failed writes.
+async fn sweep_temp(store: &Store, age: Duration) {
+    let active = store.active_temp_names();
+    let tmp = store.tmp_dir().to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        let Ok(rd) = std::fs::read_dir(&tmp) else {
+            return;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|el| el >= age);
+            if old && !active.contains(&name) {
+                tracing::info!(file = %name, "removing orphan temp file");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Digest {
+        Digest::sha256_of(s.as_bytes())
+    }
+
+    /// Two images sharing a layer, one orphan blob.
+    fn inv() -> Inventory {
+        let mut inv = Inventory::default();
+        for (name, size) in [
+            ("m1", 1),
+            ("c1", 1),
+            ("l1", 100),
+            ("shared", 50),
+            ("m2", 1),
+            ("c2", 1),
+            ("l2", 100),
+            ("orphan", 10),
+        ] {
+            inv.blobs.insert(d(name), (size, 0));
+        }
+        inv.manifests
+            .insert(d("m1"), vec![d("c1"), d("l1"), d("shared")]);
+        inv.manifests
+            .insert(d("m2"), vec![d("c2"), d("l2"), d("shared")]);
+        inv.tags.push(TagRef {
+            upstream: "u".into(),
+            repo: "a".into(),
+            tag: "1".into(),
+            digest: d("m1"),
+            path: "/x/a/1".into(),
+        });
+        inv
+    }
+
+    fn times(t: &[(&str, u64)]) -> impl Fn(&Digest) -> u64 {
+        let m: HashMap<Digest, u64> = t.iter().map(|(n, v)| (d(n), *v)).collect();
+        move |x| m.get(x).copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn evicts_the_oldest_unit_first_and_keeps_shared_blobs() {
+        let inv = inv();
+        // m1 used at 10, m2 at 20, the orphan at 30.
+        let p = plan(
+            &inv,
+            1,
+            times(&[("m1", 10), ("m2", 20), ("orphan", 30)]),
+            &HashSet::new(),
+        );
+        assert_eq!(p.manifests, vec![d("m1")]);
+        assert!(p.blobs.contains(&d("l1")) && p.blobs.contains(&d("c1")));
+        assert!(!p.blobs.contains(&d("shared")), "still used by m2");
+        assert_eq!(p.freed, 102);
+        assert_eq!(
+            p.tags.len(),
+            1,
+            "the tag of the evicted manifest goes with it"
+        );
+    }
+
+    #[test]
+    fn the_last_image_takes_the_shared_blob() {
+        let inv = inv();
+        let p = plan(
+            &inv,
+            200,
+            times(&[("m1", 10), ("m2", 20), ("orphan", 30)]),
+            &HashSet::new(),
+        );
+        assert!(p.blobs.contains(&d("shared")));
+        assert_eq!(p.freed, 102 + 152);
+    }
+
+    #[test]
+    fn pinned_and_in_use_images_stay() {
+        let inv = inv();
+        let pins = vec![PinConfig {
+            upstream: "u".into(),
+            repo: "a".parse().unwrap(),
+            reference: Reference::Tag("1".parse().unwrap()),
+        }];
+        let protected = pinned(&inv, &pins, |u| u.to_string());
+        assert!(protected.contains(&d("l1")));
+        let p = plan(&inv, 10_000, times(&[]), &protected);
+        assert!(!p.blobs.contains(&d("m1")) && !p.blobs.contains(&d("l1")));
+        assert!(!p.blobs.contains(&d("shared")), "the pinned image still needs it");
+        // m2 shares only that layer with the pinned image: it goes, the layer stays.
+        assert!(p.blobs.contains(&d("l2")) && p.blobs.contains(&d("orphan")));
+        assert_eq!(p.protected_units, 1);
+
+        // A client reading the orphan keeps it.
+        let p = plan(&inv, 10_000, times(&[]), &HashSet::from([d("orphan")]));
+        assert!(!p.blobs.contains(&d("orphan")));
+    }
+
+    #[test]
+    fn references_of_manifests_and_indexes() {
+        let a = d("a");
+        let b = d("b");
+        let m = format!(
+            r#"{{"config":{{"digest":"{a}"}},"layers":[{{"digest":"{b}"}}],"subject":{{"digest":"{a}"}}}}"#
+        );
+        assert_eq!(
+            inventory::references(m.as_bytes()),
+            vec![a.clone(), b.clone()]
+        );
+        let i = format!(r#"{{"manifests":[{{"digest":"{a}"}},{{"digest":"{b}"}}]}}"#);
+        assert_eq!(inventory::references(i.as_bytes()), vec![a, b]);
+        assert!(inventory::references(b"junk").is_empty());
+    }
+}

@@ -1,0 +1,151 @@
+//! Prometheus metrics: one process-wide recorder, the names and help texts of every metric
+//! entrepot exports, and small functions the stages call to record them.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "entrepot_requests_total";
+pub const SERVED_BYTES: &str = "entrepot_served_bytes_total";
+pub const UPSTREAM_REQUESTS: &str = "entrepot_upstream_requests_total";
+pub const UPSTREAM_DURATION: &str = "entrepot_upstream_request_duration_seconds";
+pub const UPSTREAM_ERRORS: &str = "entrepot_upstream_errors_total";
+pub const UPSTREAM_BYTES: &str = "entrepot_upstream_bytes_total";
+pub const UPSTREAM_RATELIMIT: &str = "entrepot_upstream_ratelimit_remaining";
+pub const FILLS: &str = "entrepot_fills_in_progress";
+pub const CACHE_BYTES: &str = "entrepot_cache_bytes";
+pub const CACHE_MAX_BYTES: &str = "entrepot_cache_max_bytes";
+pub const CACHE_ENTRIES: &str = "entrepot_cache_entries";
+pub const EVICTIONS: &str = "entrepot_evictions_total";
+pub const EVICTED_BYTES: &str = "entrepot_evicted_bytes_total";
+pub const STORAGE_ERRORS: &str = "entrepot_storage_errors_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder (once per process) and returns the handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(UPSTREAM_DURATION.to_string()),
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
+                )
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        REQUESTS,
+        "Requests answered, by upstream, kind, outcome and status."
+    );
+    describe_counter!(
+        SERVED_BYTES,
+        "Body bytes sent to clients, by source: cache (stored content) or upstream (fills and bypass)."
+    );
+    describe_counter!(
+        UPSTREAM_REQUESTS,
+        "Requests sent to upstreams, by upstream and status."
+    );
+    describe_histogram!(
+        UPSTREAM_DURATION,
+        metrics::Unit::Seconds,
+        "Time until an upstream answered with headers."
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "Failed upstream requests, by upstream and kind."
+    );
+    describe_counter!(
+        UPSTREAM_BYTES,
+        "Blob bytes fetched from upstreams by fills."
+    );
+    describe_gauge!(
+        UPSTREAM_RATELIMIT,
+        "The upstream's last RateLimit-Remaining value (Docker Hub pulls left in its window)."
+    );
+    describe_gauge!(FILLS, "Blob fills in progress.");
+    describe_gauge!(CACHE_BYTES, "Bytes of content in the store.");
+    describe_gauge!(
+        CACHE_MAX_BYTES,
+        "The configured storage.max_size (0: unbounded)."
+    );
+    describe_gauge!(
+        CACHE_ENTRIES,
+        "Blobs (layers, configs, manifests) in the store."
+    );
+    describe_counter!(
+        EVICTIONS,
+        "Blobs evicted to keep the store under storage.max_size."
+    );
+    describe_counter!(EVICTED_BYTES, "Bytes evicted.");
+    describe_counter!(
+        STORAGE_ERRORS,
+        "Store write failures (clients were served from upstream)."
+    );
+}
+
+pub fn request(upstream: &str, kind: &'static str, outcome: &'static str, status: u16, bytes: u64) {
+    counter!(REQUESTS, "upstream" => upstream.to_string(), "kind" => kind, "outcome" => outcome, "status" => status.to_string())
+        .increment(1);
+    let source = match outcome {
+        "hit" | "revalidated" | "stale" => "cache",
+        _ => "upstream",
+    };
+    counter!(SERVED_BYTES, "source" => source).increment(bytes);
+}
+
+/// One upstream exchange: `status` is the HTTP status, or `None` when no answer came.
+pub fn upstream_request(upstream: &str, status: Option<u16>, took: Duration) {
+    let status = status.map_or_else(|| "none".to_string(), |s| s.to_string());
+    counter!(UPSTREAM_REQUESTS, "upstream" => upstream.to_string(), "status" => status)
+        .increment(1);
+    histogram!(UPSTREAM_DURATION, "upstream" => upstream.to_string()).record(took.as_secs_f64());
+}
+
+pub fn upstream_error(upstream: &str, kind: &'static str) {
+    counter!(UPSTREAM_ERRORS, "upstream" => upstream.to_string(), "kind" => kind).increment(1);
+}
+
+pub fn upstream_bytes(upstream: &str, n: u64) {
+    counter!(UPSTREAM_BYTES, "upstream" => upstream.to_string()).increment(n);
+}
+
+pub fn ratelimit_remaining(upstream: &str, remaining: f64) {
+    gauge!(UPSTREAM_RATELIMIT, "upstream" => upstream.to_string()).set(remaining);
+}
+
+pub fn fills(n: usize) {
+    gauge!(FILLS).set(n as f64);
+}
+
+pub fn cache_size(bytes: u64, entries: u64) {
+    gauge!(CACHE_BYTES).set(bytes as f64);
+    gauge!(CACHE_ENTRIES).set(entries as f64);
+}
+
+pub fn cache_max(bytes: Option<u64>) {
+    gauge!(CACHE_MAX_BYTES).set(bytes.unwrap_or(0) as f64);
+}
+
+pub fn evicted(blobs: u64, bytes: u64) {
+    counter!(EVICTIONS).increment(blobs);
+    counter!(EVICTED_BYTES).increment(bytes);
+}
+
+pub fn storage_error() {
+    counter!(STORAGE_ERRORS).increment(1);
+}
