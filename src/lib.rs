@@ -9,8 +9,11 @@
 //! error.rs     ApiError: the one place errors become HTTP status + OCI error JSON
 //! clock.rs     the clock tag TTLs and token expiry are measured with
 //! oci/         protocol only, no I/O: names, references, digests, routes, media types, ranges
-//! http/        router, blob and manifest handlers, forwarded endpoints, access log
-//! cache/       the store: blob lookup, fills and followers, temp files, manifests, tag index
+//! http/        router, blob and manifest handlers, forwarded endpoints, access log, /metrics
+//! metrics.rs   Prometheus metric names and recording
+//! maintenance.rs  `entrepot cache ls|rm|verify|gc` on the store folder
+//! cache/       the store: blob lookup, fills and followers, temp files, manifests, tag index,
+//!              usage (access times, readers), inventory and eviction
 //! upstream/    upstream selection, registry client, bearer/basic auth, token cache
 //! ```
 //!
@@ -28,6 +31,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod maintenance;
 pub mod metrics;
 pub mod oci;
 pub mod upstream;

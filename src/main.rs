@@ -41,12 +41,69 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
     },
+    /// Inspect and maintain the store folder (works with or without a running server).
+    Cache {
+        /// TOML configuration file: its storage.root, pins and low-water mark are used.
+        #[arg(long, short, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        /// Store directory; overrides the configuration's (default ./entrepot-data).
+        #[arg(long, value_name = "DIR", global = true)]
+        root: Option<PathBuf>,
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Check a configuration file and print the upstreams it defines.
     CheckConfig {
         /// TOML configuration file.
         #[arg(value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// List tags and images with their size and last use.
+    Ls,
+    /// Remove a tag (registry/repo:tag) or an image (registry/repo@digest) and the blobs no
+    /// other image uses.
+    Rm {
+        /// For example docker.io/library/alpine:3.20
+        #[arg(value_name = "REF")]
+        reference: String,
+    },
+    /// Re-hash every blob; move corrupt ones to <root>/quarantine. Exits 1 if any was corrupt.
+    Verify,
+    /// Evict least recently used images (never pinned ones) down to a size now.
+    Gc {
+        /// Target size, e.g. 50GiB (default: the configuration's storage.low_water).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        to: Option<u64>,
+    },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    entrepot::config::parse_size(s).ok_or_else(|| format!("{s:?} is not a size like 50GiB"))
+}
+
+fn cache_command(
+    config: Option<PathBuf>,
+    root: Option<PathBuf>,
+    action: CacheAction,
+) -> anyhow::Result<std::process::ExitCode> {
+    use entrepot::maintenance;
+    let target = maintenance::target(config.as_deref(), root)?;
+    let mut out = std::io::stdout().lock();
+    match action {
+        CacheAction::Ls => maintenance::ls(&target, &mut out)?,
+        CacheAction::Rm { reference } => maintenance::rm(&target, &reference, &mut out)?,
+        CacheAction::Verify => {
+            if maintenance::verify(&target, &mut out)? > 0 {
+                return Ok(std::process::ExitCode::from(1));
+            }
+        }
+        CacheAction::Gc { to } => maintenance::gc(&target, to, &mut out)?,
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn init_tracing(format: LogFormat) {
@@ -60,7 +117,7 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
@@ -82,8 +139,14 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(cfg))
+                .block_on(serve(cfg))?;
+            Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Cache {
+            config,
+            root,
+            action,
+        } => cache_command(config, root, action),
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             for u in &cfg.upstreams {
@@ -94,7 +157,7 @@ fn main() -> anyhow::Result<()> {
                     if u.default { "\t(default)" } else { "" }
                 );
             }
-            Ok(())
+            Ok(std::process::ExitCode::SUCCESS)
         }
     }
 }

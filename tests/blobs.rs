@@ -238,7 +238,7 @@ fn parity_headers(r: &reqwest::Response) -> Vec<(String, String)> {
     let mut h: Vec<(String, String)> = r
         .headers()
         .iter()
-        .filter(|(k, _)| *k != "date")
+        .filter(|(k, _)| *k != "date" && *k != "x-request-id")
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
         .collect();
     h.sort();

@@ -127,7 +127,11 @@ async fn serves_logs_each_request_and_drains_on_sigterm() {
         .unwrap()
         .unwrap();
     assert!(exit.success(), "exit status {exit:?}");
-    log.extend(rx.try_iter());
+    // Everything the process wrote, up to the end of its stderr (the reader thread ends there).
+    let rest: Vec<String> = tokio::task::spawn_blocking(move || rx.iter().collect())
+        .await
+        .unwrap();
+    log.extend(rest);
     let all = log.join("\n");
     let access = log
         .iter()

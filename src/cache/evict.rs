@@ -365,7 +365,10 @@ mod tests {
         assert!(protected.contains(&d("l1")));
         let p = plan(&inv, 10_000, times(&[]), &protected);
         assert!(!p.blobs.contains(&d("m1")) && !p.blobs.contains(&d("l1")));
-        assert!(!p.blobs.contains(&d("shared")), "the pinned image still needs it");
+        assert!(
+            !p.blobs.contains(&d("shared")),
+            "the pinned image still needs it"
+        );
         // m2 shares only that layer with the pinned image: it goes, the layer stays.
         assert!(p.blobs.contains(&d("l2")) && p.blobs.contains(&d("orphan")));
         assert_eq!(p.protected_units, 1);

@@ -48,13 +48,32 @@ impl Outcome {
 
 /// What the router learned about a request, for its log line.
 pub struct RequestInfo {
+    /// The client's `X-Request-Id`, or one made here; echoed in the response.
+    pub request_id: String,
     pub method: http::Method,
     pub path: String,
     pub remote: SocketAddr,
     pub kind: Kind,
     pub upstream: Option<Arc<str>>,
     pub repository: Option<String>,
+    /// The tag or digest asked for.
+    pub reference: Option<String>,
     pub started: Instant,
+}
+
+/// A request id unique within this process and unlikely to repeat across restarts.
+pub fn new_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        t.subsec_nanos() ^ std::process::id().rotate_left(16)
+    });
+    format!("{prefix:08x}-{:x}", SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 pub struct LoggedBody {
@@ -140,12 +159,14 @@ impl Drop for LoggedBody {
         );
         tracing::info!(
             target: "entrepot::access",
+            request_id = %i.request_id,
             remote = %i.remote,
             method = %i.method,
             path = %i.path,
             kind = %i.kind.as_str(),
             upstream = %i.upstream.as_deref().unwrap_or("-"),
             repository = %i.repository.as_deref().unwrap_or("-"),
+            reference = %i.reference.as_deref().unwrap_or("-"),
             outcome = %self.outcome.as_str(),
             status = self.status,
             bytes = self.bytes,

@@ -63,13 +63,22 @@ pub async fn handle<B>(
     req: Request<B>,
     remote: SocketAddr,
 ) -> Response<LoggedBody> {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(access_log::new_request_id);
     let mut info = RequestInfo {
+        request_id,
         method: req.method().clone(),
         path: req.uri().path().to_string(),
         remote,
         kind: Kind::Other,
         upstream: None,
         repository: None,
+        reference: None,
         started: Instant::now(),
     };
     let head = req.method() == Method::HEAD;
@@ -94,6 +103,9 @@ pub async fn handle<B>(
         "Docker-Distribution-API-Version",
         HeaderValue::from_static("registry/2.0"),
     );
+    if let Ok(v) = HeaderValue::from_str(&info.request_id) {
+        resp.headers_mut().insert("X-Request-Id", v);
+    }
     let outcome = resp
         .extensions()
         .get::<Outcome>()
@@ -148,6 +160,11 @@ async fn route<B>(
     let (upstream, repo) = state.upstreams.select(ns.as_deref(), &name)?;
     info.upstream = Some(upstream.name().clone());
     info.repository = Some(repo.to_string());
+    info.reference = match &route {
+        Route::Manifest { reference, .. } => Some(reference.to_string()),
+        Route::Blob { digest, .. } | Route::Referrers { digest, .. } => Some(digest.to_string()),
+        _ => None,
+    };
     let ctx = Ctx {
         upstream,
         repo,

@@ -131,6 +131,8 @@ struct Inner {
     /// Registries that redirect here; `/direct/<digest>` falls back to their blobs.
     origins: Vec<Weak<State>>,
     requests: Vec<Recorded>,
+    /// Headers added to every response (e.g. `RateLimit-Remaining`).
+    extra_headers: Vec<(String, String)>,
 }
 
 impl Inner {
@@ -336,6 +338,14 @@ impl FakeRegistry {
     pub fn reset_counts(&self) {
         self.state.lock().requests.clear();
     }
+
+    /// Adds a header to every response from now on.
+    pub fn add_response_header(&self, name: &str, value: &str) {
+        self.state
+            .lock()
+            .extra_headers
+            .push((name.to_string(), value.to_string()));
+    }
 }
 
 impl Drop for FakeRegistry {
@@ -457,6 +467,24 @@ impl<'a> Route<'a> {
 }
 
 async fn handle(
+    state: Arc<State>,
+    flushes: Flushes,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let extra = state.lock().extra_headers.clone();
+    let mut resp = handle_request(state, flushes, req).await?;
+    for (name, value) in extra {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            resp.headers_mut().insert(n, v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn handle_request(
     state: Arc<State>,
     flushes: Flushes,
     req: Request<Incoming>,

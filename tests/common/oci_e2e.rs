@@ -61,7 +61,7 @@ impl Reply {
         let mut headers: Vec<String> = self
             .headers
             .iter()
-            .filter(|(name, _)| name.as_str() != "date")
+            .filter(|(name, _)| name.as_str() != "date" && name.as_str() != "x-request-id")
             .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap_or("<binary>")))
             .collect();
         headers.sort();

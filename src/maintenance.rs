@@ -1,0 +1,335 @@
+//! `entrepot cache ...`: list, remove, verify and garbage-collect the store, working on the
+//! store folder directly, so they run with or without a server. Every removal is atomic per
+//! file and ordered tags → manifests → blobs; a running server notices removed content on its
+//! next miss (and fetches it again when its upstream is reachable).
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use crate::cache::evict::{self, Plan};
+use crate::cache::inventory::{self, Inventory};
+use crate::cache::usage::Usage;
+use crate::config::{self, Config};
+use crate::oci::{Digest, Hasher, Reference};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// The store and what the configuration says about it.
+pub struct Target {
+    pub root: PathBuf,
+    pub config: Option<Config>,
+}
+
+impl Target {
+    fn upstream_name(&self, name: &str) -> String {
+        self.config
+            .as_ref()
+            .and_then(|c| c.upstreams.iter().find(|u| u.matches(name)))
+            .map_or_else(|| name.to_string(), |u| u.name.clone())
+    }
+
+    fn scan(&self) -> Result<(Inventory, Usage), MaintenanceError> {
+        if !self.root.join("blobs").is_dir() {
+            return Err(MaintenanceError::Usage(format!(
+                "{} is not an entrepot store (no blobs/ folder)",
+                self.root.display()
+            )));
+        }
+        let inv = inventory::scan(&self.root)?;
+        let usage = Usage::default();
+        usage.load(&self.root.join("meta/access"))?;
+        Ok((inv, usage))
+    }
+}
+
+fn last_use(inv: &Inventory, usage: &Usage, d: &Digest) -> u64 {
+    usage
+        .last_use(d)
+        .unwrap_or_else(|| inv.blobs.get(d).map_or(0, |(_, m)| *m))
+}
+
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn when(secs: u64) -> String {
+    let ago = crate::cache::usage::unix_now().saturating_sub(secs);
+    match ago {
+        0..=59 => format!("{ago}s ago"),
+        60..=3599 => format!("{}m ago", ago / 60),
+        3600..=86_399 => format!("{}h ago", ago / 3600),
+        _ => format!("{}d ago", ago / 86_400),
+    }
+}
+
+/// `cache ls`: every tag (and untagged image) with its size and last use.
+pub fn ls(t: &Target, out: &mut impl io::Write) -> Result<(), MaintenanceError> {
+    let (inv, usage) = t.scan()?;
+    writeln!(
+        out,
+        "{:<40} {:<20} {:<19} {:>10}  LAST USED",
+        "REPOSITORY", "TAG", "DIGEST", "SIZE"
+    )?;
+    let mut tagged = HashSet::new();
+    let image_line =
+        |name: String, tag: &str, d: &Digest, out: &mut dyn io::Write| -> io::Result<()> {
+            let closure = inv.closure(d);
+            let size: u64 = closure
+                .iter()
+                .filter_map(|x| inv.blobs.get(x))
+                .map(|(s, _)| s)
+                .sum();
+            let used = closure.iter().map(|x| last_use(&inv, &usage, x)).max();
+            let complete = if inv.manifests.contains_key(d) {
+                ""
+            } else {
+                " (manifest not stored)"
+            };
+            writeln!(
+                out,
+                "{:<40} {:<20} {:<19} {:>10}  {}{complete}",
+                name,
+                tag,
+                format!("{}:{}", d.algorithm().as_str(), &d.hex()[..12]),
+                human_size(size),
+                used.map_or_else(|| "-".to_string(), when),
+            )
+        };
+    for tag in &inv.tags {
+        tagged.insert(tag.digest.clone());
+        image_line(
+            format!("{}/{}", tag.upstream, tag.repo),
+            &tag.tag,
+            &tag.digest,
+            out,
+        )?;
+    }
+    for root in inv.roots() {
+        if !tagged.contains(&root) {
+            image_line("<untagged>".to_string(), "-", &root, out)?;
+        }
+    }
+    writeln!(
+        out,
+        "{} blobs, {} manifests, {} tags, {} in all",
+        inv.blobs.len(),
+        inv.manifests.len(),
+        inv.tags.len(),
+        human_size(inv.total_bytes())
+    )?;
+    Ok(())
+}
+
+/// `cache rm REF`: removes a tag (`upstream/repo:tag`) or an image (`upstream/repo@digest`),
+/// with every blob no other image in the store references.
+pub fn rm(t: &Target, reference: &str, out: &mut impl io::Write) -> Result<(), MaintenanceError> {
+    let pin = config::parse_image_ref(reference).map_err(MaintenanceError::Usage)?;
+    let upstream = t.upstream_name(&pin.upstream);
+    let (inv, _) = t.scan()?;
+    let (digest, named_tags): (Digest, Vec<_>) = match &pin.reference {
+        Reference::Digest(d) => (d.clone(), Vec::new()),
+        Reference::Tag(tag) => {
+            let found = inv.tags.iter().find(|r| {
+                r.upstream == upstream && r.repo == pin.repo.as_str() && r.tag == tag.as_str()
+            });
+            let Some(found) = found else {
+                return Err(MaintenanceError::Usage(format!(
+                    "{reference} is not in the store"
+                )));
+            };
+            (found.digest.clone(), vec![found.clone()])
+        }
+    };
+    // Other tags still pointing at the image keep it: only this tag goes.
+    let others = inv
+        .tags
+        .iter()
+        .any(|r| r.digest == digest && !named_tags.contains(r));
+    let plan = if others || !inv.blobs.contains_key(&digest) {
+        Plan {
+            tags: named_tags,
+            ..Plan::default()
+        }
+    } else {
+        remove_image(&inv, &digest)
+    };
+    if plan.tags.is_empty() && plan.blobs.is_empty() {
+        return Err(MaintenanceError::Usage(format!(
+            "{reference} is not in the store"
+        )));
+    }
+    evict::apply(&t.root, &plan)?;
+    writeln!(
+        out,
+        "removed {} tag(s), {} manifest(s), {} blob(s), {}",
+        plan.tags.len(),
+        plan.manifests.len(),
+        plan.blobs.len(),
+        human_size(plan.freed)
+    )?;
+    Ok(())
+}
+
+/// The plan that removes one image: its closure, less what other images reference.
+fn remove_image(inv: &Inventory, root: &Digest) -> Plan {
+    let mut refs: HashMap<Digest, usize> = HashMap::new();
+    for r in inv.roots() {
+        for d in inv.closure(&r) {
+            *refs.entry(d).or_insert(0) += 1;
+        }
+    }
+    let mut p = Plan::default();
+    for d in inv.closure(root) {
+        let n = refs.entry(d.clone()).or_insert(1);
+        *n -= 1;
+        if *n == 0 {
+            p.freed += inv.blobs.get(&d).map_or(0, |(s, _)| *s);
+            if inv.manifests.contains_key(&d) {
+                p.manifests.push(d.clone());
+            }
+            p.blobs.push(d);
+        }
+    }
+    let gone: HashSet<&Digest> = p.manifests.iter().collect();
+    p.tags = inv
+        .tags
+        .iter()
+        .filter(|t| gone.contains(&t.digest))
+        .cloned()
+        .collect();
+    p
+}
+
+/// `cache verify`: re-hashes every blob; corrupt ones move to `<root>/quarantine/` (with the
+/// tags of corrupt manifests). Returns how many were corrupt.
+pub fn verify(t: &Target, out: &mut impl io::Write) -> Result<usize, MaintenanceError> {
+    let (inv, _) = t.scan()?;
+    let quarantine = t.root.join("quarantine");
+    let mut digests: Vec<&Digest> = inv.blobs.keys().collect();
+    digests.sort();
+    let mut bad = Vec::new();
+    let mut bytes = 0;
+    for d in digests {
+        let path = t
+            .root
+            .join("blobs")
+            .join(d.algorithm().as_str())
+            .join(d.hex());
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut h = Hasher::new(d.algorithm());
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            h.update(&buf[..n]);
+        }
+        if h.finish() != *d {
+            std::fs::create_dir_all(&quarantine)?;
+            let dest = quarantine.join(format!("{}-{}", d.algorithm().as_str(), d.hex()));
+            std::fs::rename(&path, &dest)?;
+            writeln!(out, "corrupt: {d} → {}", dest.display())?;
+            bad.push(d.clone());
+        }
+    }
+    if !bad.is_empty() {
+        let plan = Plan {
+            tags: inv
+                .tags
+                .iter()
+                .filter(|t| bad.contains(&t.digest))
+                .cloned()
+                .collect(),
+            manifests: bad
+                .iter()
+                .filter(|d| inv.manifests.contains_key(*d))
+                .cloned()
+                .collect(),
+            ..Plan::default()
+        };
+        evict::apply(&t.root, &plan)?;
+    }
+    writeln!(
+        out,
+        "checked {} blobs ({}): {} corrupt{}",
+        inv.blobs.len(),
+        human_size(bytes),
+        bad.len(),
+        if bad.is_empty() { "" } else { ", quarantined" }
+    )?;
+    Ok(bad.len())
+}
+
+/// `cache gc`: evicts least recently used images (never pinned ones) down to `to` bytes, or
+/// to the configured low-water mark.
+pub fn gc(t: &Target, to: Option<u64>, out: &mut impl io::Write) -> Result<(), MaintenanceError> {
+    let target = to
+        .or_else(|| t.config.as_ref().and_then(|c| c.storage.low_water))
+        .ok_or_else(|| {
+            MaintenanceError::Usage(
+                "give --to SIZE, or a configuration with storage.max_size".to_string(),
+            )
+        })?;
+    let (inv, usage) = t.scan()?;
+    let total = inv.total_bytes();
+    if total <= target {
+        writeln!(out, "store is {}: nothing to do", human_size(total))?;
+        return Ok(());
+    }
+    let pins = t
+        .config
+        .as_ref()
+        .map(|c| c.pins.clone())
+        .unwrap_or_default();
+    let protected = evict::pinned(&inv, &pins, |u| t.upstream_name(u));
+    let plan = evict::plan(
+        &inv,
+        total - target,
+        |d| last_use(&inv, &usage, d),
+        &protected,
+    );
+    evict::apply(&t.root, &plan)?;
+    writeln!(
+        out,
+        "evicted {} blob(s), {} manifest(s), {} tag(s): {} → {}",
+        plan.blobs.len(),
+        plan.manifests.len(),
+        plan.tags.len(),
+        human_size(total),
+        human_size(total - plan.freed)
+    )?;
+    Ok(())
+}
+
+/// The store folder: `--root`, else the configuration's, else the default.
+pub fn target(config: Option<&Path>, root: Option<PathBuf>) -> Result<Target, config::ConfigError> {
+    let config = config.map(Config::load).transpose()?;
+    let root = root
+        .or_else(|| config.as_ref().map(|c| c.storage.root.clone()))
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_ROOT));
+    Ok(Target { root, config })
+}

@@ -1,0 +1,363 @@
+//! Cache lifecycle through the real server: bounded storage with image-aware LRU eviction,
+//! pins and in-use blobs; `/metrics` parsed as a pull goes on; `/healthz` and `/readyz`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::fake_registry::{FakeRegistry, PushedImage};
+use common::proxy::Proxy;
+use common::{random_bytes, upstream, OCI_MANIFEST};
+use entrepot::cache::inventory;
+use futures_util::StreamExt;
+
+const MIB: usize = 1 << 20;
+
+/// Pulls an image (manifest by tag, every layer and the config) through the proxy, checking
+/// every byte.
+async fn pull(proxy: &Proxy, repo: &str, tag: &str) -> Result<(), String> {
+    let c = common::client();
+    let r = c
+        .get(proxy.url(&format!("/v2/{repo}/manifests/{tag}")))
+        .header("Accept", OCI_MANIFEST)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 200 {
+        return Err(format!("{repo}:{tag} manifest: {}", r.status()));
+    }
+    let m: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    for l in m["layers"].as_array().unwrap() {
+        digests.push(l["digest"].as_str().unwrap().to_string());
+    }
+    for d in digests {
+        let r = c
+            .get(proxy.url(&format!("/v2/{repo}/blobs/{d}")))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status() != 200 {
+            return Err(format!("{repo}:{tag} blob {d}: {}", r.status()));
+        }
+        let body = r.bytes().await.map_err(|e| e.to_string())?;
+        if common::sha256_digest(&body) != d {
+            return Err(format!("{repo}:{tag} blob {d}: wrong bytes"));
+        }
+    }
+    Ok(())
+}
+
+fn store_size(proxy: &Proxy) -> u64 {
+    inventory::scan(&proxy.root).unwrap().total_bytes()
+}
+
+#[tokio::test]
+async fn the_store_stays_bounded_keeping_pinned_and_in_use_images_and_whole_tags() {
+    let up = FakeRegistry::start().await;
+    let image = |repo: &str, seed: u64, size: usize| -> PushedImage {
+        up.push_image(repo, "v1", &[Bytes::from(random_bytes(size, seed))])
+    };
+    // Pulled first, so the oldest: without protection they would go first.
+    let pinned = image("team/pinned", 1, MIB);
+    let big = image("team/in-use", 2, 12 * MIB);
+    let small: Vec<PushedImage> = (0..12)
+        .map(|i| image(&format!("team/app{i}"), 10 + i, MIB))
+        .collect();
+    let proxy = Proxy::start_with(
+        "max_size = \"20MiB\"\nlow_water = \"16MiB\"\nsweep_interval = \"1h\"",
+        &(upstream("fake", &up.url(), true, "") + "[[pin]]\nimage = \"fake/team/pinned:v1\"\n"),
+    )
+    .await;
+    pull(&proxy, "team/pinned", "v1").await.unwrap();
+    pull(&proxy, "team/in-use", "v1").await.unwrap();
+
+    // A client starts reading the big layer and stalls: that blob is in use.
+    let reader = common::client()
+        .get(proxy.url(&format!("/v2/team/in-use/blobs/{}", big.layers[0])))
+        .send()
+        .await
+        .unwrap();
+    let mut reader = reader.bytes_stream();
+    let mut held = reader.next().await.unwrap().unwrap().to_vec();
+
+    // Fill past max_size with concurrent pulls.
+    let pulls: Vec<_> = (0..small.len())
+        .map(|i| {
+            let p = &proxy;
+            async move { pull(p, &format!("team/app{i}"), "v1").await }
+        })
+        .collect();
+    for r in futures_util::future::join_all(pulls).await {
+        r.unwrap();
+    }
+
+    // Eviction runs in the background, started by the commit that crossed max_size.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store_size(&proxy) > 20 * MIB as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "store still over max_size: {}",
+            store_size(&proxy)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.wait_idle().await;
+    let inv = inventory::scan(&proxy.root).unwrap();
+    assert!(inv.total_bytes() <= 20 * MIB as u64);
+    // Pinned and in-use content survived.
+    for d in pinned
+        .layers
+        .iter()
+        .chain([&pinned.manifest, &pinned.config])
+    {
+        assert!(proxy.blob_path(d).exists(), "pinned {d} was evicted");
+    }
+    assert!(
+        proxy.blob_path(&big.layers[0]).exists(),
+        "an in-use blob was evicted"
+    );
+    // Some of the small images went, whole.
+    let evicted: Vec<&PushedImage> = small
+        .iter()
+        .filter(|i| !proxy.blob_path(&i.manifest).exists())
+        .collect();
+    assert!(!evicted.is_empty());
+    // No tag is left pointing at an evicted manifest. (A layer that was still being fetched
+    // when its manifest went may arrive afterwards: it is then a blob of no image, evicted
+    // on its own turn.)
+    for t in &inv.tags {
+        assert!(
+            inv.manifests.contains_key(&t.digest),
+            "tag {}:{} points at a missing manifest",
+            t.repo,
+            t.tag
+        );
+    }
+    for i in &evicted {
+        assert!(!inv.tags.iter().any(|t| t.digest.to_string() == i.manifest));
+    }
+    // The stalled reader finishes with the right bytes.
+    while let Some(chunk) = reader.next().await {
+        held.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(common::sha256_digest(&held), big.layers[0]);
+
+    // With the upstream gone, every tag still in the store pulls completely.
+    let tags = inv.tags.clone();
+    assert!(tags.len() >= 3, "{tags:?}");
+    drop(up);
+    for t in &tags {
+        pull(&proxy, &t.repo, &t.tag)
+            .await
+            .unwrap_or_else(|e| panic!("{}/{}:{} no longer pulls: {e}", t.upstream, t.repo, t.tag));
+    }
+}
+
+/// Parses Prometheus text into `name{labels}` → value.
+async fn metrics(proxy: &Proxy) -> HashMap<String, f64> {
+    let r = proxy.get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    r.text()
+        .await
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of the series whose name is `name` and whose labels include all of `labels`.
+fn value(m: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.iter()
+        .filter(|(k, _)| {
+            k.split('{').next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(l, v)| k.contains(&format!("{l}=\"{v}\"")))
+        })
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_change_as_clients_pull() {
+    let up = FakeRegistry::start().await;
+    up.add_response_header("RateLimit-Remaining", "97;w=21600");
+    let img = up.push_image("team/app", "v1", &[Bytes::from(random_bytes(300_000, 5))]);
+    // A name no other test uses: the recorder is process-wide.
+    let name = "metrics-test.example";
+    let proxy = Proxy::start(&upstream(name, &up.url(), true, "")).await;
+    let before = metrics(&proxy).await;
+    let served_before = value(
+        &before,
+        "entrepot_served_bytes_total",
+        &[("source", "cache")],
+    );
+
+    pull(&proxy, "team/app", "v1").await.unwrap();
+    proxy.wait_idle().await;
+    let m = metrics(&proxy).await;
+    let miss = [
+        ("upstream", name),
+        ("kind", "blob"),
+        ("outcome", "miss"),
+        ("status", "200"),
+    ];
+    assert_eq!(
+        value(&m, "entrepot_requests_total", &miss),
+        2.0,
+        "config and layer"
+    );
+    assert!(
+        value(
+            &m,
+            "entrepot_upstream_requests_total",
+            &[("upstream", name), ("status", "200")]
+        ) >= 3.0
+    );
+    assert!(
+        value(
+            &m,
+            "entrepot_upstream_request_duration_seconds_count",
+            &[("upstream", name)]
+        ) >= 3.0
+    );
+    assert!(value(&m, "entrepot_upstream_bytes_total", &[("upstream", name)]) >= 300_000.0);
+    assert_eq!(
+        value(
+            &m,
+            "entrepot_upstream_ratelimit_remaining",
+            &[("upstream", name)]
+        ),
+        97.0
+    );
+    assert!(m
+        .keys()
+        .any(|k| k.starts_with("entrepot_fills_in_progress")));
+    assert!(value(&m, "entrepot_cache_bytes", &[]) > 0.0);
+
+    // Again: now hits, served from the cache.
+    pull(&proxy, "team/app", "v1").await.unwrap();
+    let m = metrics(&proxy).await;
+    let hit = [("upstream", name), ("kind", "blob"), ("outcome", "hit")];
+    assert_eq!(value(&m, "entrepot_requests_total", &hit), 2.0);
+    assert!(
+        value(&m, "entrepot_served_bytes_total", &[("source", "cache")])
+            >= served_before + 300_000.0
+    );
+
+    // Upstream errors are counted by kind.
+    up.set_failure(Some(common::fake_registry::Failure::StatusRetryAfter(
+        429,
+        "5".into(),
+    )));
+    let r = proxy.get("/v2/team/app/manifests/other").await;
+    assert_eq!(r.status(), 429);
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        value(
+            &m,
+            "entrepot_upstream_errors_total",
+            &[("upstream", name), ("kind", "rate_limited")]
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &m,
+            "entrepot_requests_total",
+            &[("upstream", name), ("outcome", "error"), ("status", "429")]
+        ) >= 1.0
+    );
+    let _ = img;
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let up = FakeRegistry::start().await;
+    let proxy = Proxy::start(&upstream("fake", &up.url(), true, "")).await;
+    let r = proxy.get("/healthz").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(proxy.get("/readyz").await.status(), 200);
+    // The store cannot take writes: not ready (but alive).
+    let tmp = proxy.root.join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a folder").unwrap();
+    assert_eq!(proxy.get("/readyz").await.status(), 503);
+    assert_eq!(proxy.get("/healthz").await.status(), 200);
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn operator_endpoints_on_their_own_listener() {
+    common::install_crypto();
+    let up = FakeRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = entrepot::Config::parse(&format!(
+        "[server]\nadmin_listen = \"127.0.0.1:0\"\n[storage]\nroot = \"{}\"\n{}",
+        dir.path().join("store").display(),
+        upstream("fake", &up.url(), true, "")
+    ))
+    .unwrap();
+    let server = entrepot::Server::new(cfg).unwrap();
+    let main = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (main_addr, admin_addr) = (main.local_addr().unwrap(), admin.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(server.run_with_admin(main, Some(admin), async {
+        let _ = rx.await;
+    }));
+    let c = common::client();
+    let r = c
+        .get(format!("http://{admin_addr}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("entrepot_"));
+    assert_eq!(
+        c.get(format!("http://{admin_addr}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("http://{admin_addr}/v2/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    // Not on the registry listener when an admin listener is configured.
+    assert_eq!(
+        c.get(format!("http://{main_addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        c.get(format!("http://{main_addr}/v2/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tx.send(()).unwrap();
+    run.await.unwrap().unwrap();
+}
