@@ -1,0 +1,8 @@
+//! Helpers of the `compare` bench: the programs it runs, the counting relay in front of the
+//! upstream, the load it sends, the seed content, and the report it prints.
+
+pub mod load;
+pub mod procs;
+pub mod relay;
+pub mod report;
+pub mod seed;

@@ -1,0 +1,385 @@
+//! The programs the comparison runs: the upstream `docker-registry`, entrepot's release binary,
+//! distribution in proxy mode and nginx, each a child process in its own process group that is
+//! killed (the whole group) when its guard drops — on success, on error and on panic.
+
+use std::{
+    fs,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::load;
+
+/// How long a started server may take to answer `GET /v2/`.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Full path of `program` on PATH or in /usr/sbin (nginx lives there, outside a non-root PATH).
+pub fn find_program(program: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| {
+            format!("`{program}` not found: run `bash .ci/install-bench-deps.sh` to install it")
+        })
+}
+
+/// A port that was free a moment ago (for programs that take a port number in their config).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process in its own process group, output in a log file. Dropping it kills the
+/// whole group (nginx's workers too) and reaps the child.
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Self> {
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Its own group: the terminal's Ctrl-C reaches only the bench, which then kills
+            // each group; and a group kill also takes the children the program forked.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The exit status if the process has already ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Everything the process has printed so far.
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<no log: {e}>"))
+    }
+
+    /// The last lines of the output, for error messages.
+    pub fn output_tail(&self) -> String {
+        let output = self.output();
+        let lines: Vec<&str> = output.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Kills the process group and waits for the child to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The group id is the child's pid (process_group(0)). `kill` the command, because
+            // the std API signals one process only and this crate keeps unsafe code out.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits (polling, so the runtime keeps running) until the process exits or `limit` passes.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} still running after {limit:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} (end of its output) -----\n{}",
+                self.name,
+                self.output_tail()
+            );
+        }
+    }
+}
+
+/// Memory figures of a running process, from `/proc/<pid>/status`, in bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    /// VmHWM: the peak resident set size over the process's life.
+    pub peak_rss: u64,
+    /// RssAnon: resident anonymous memory now (heap, stacks), without mapped files.
+    pub rss_anon: u64,
+}
+
+pub fn memory(pid: u32) -> Result<Memory> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        let kib: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {line:?}"))?;
+        Ok(kib * 1024)
+    };
+    Ok(Memory {
+        peak_rss: field("VmHWM:")?,
+        rss_anon: field("RssAnon:")?,
+    })
+}
+
+/// A server on 127.0.0.1 that answers `GET /v2/`.
+pub struct Server {
+    pub port: u16,
+    pub process: ChildGuard,
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> Result<u32> {
+        self.process.pid().context("process already stopped")
+    }
+
+    pub fn memory(&self) -> Result<Memory> {
+        memory(self.pid()?)
+    }
+
+    /// Starts `spawn(port)` on a free port and waits until `GET /v2/` answers 200. A lost race
+    /// for the port ("address already in use") is retried on another one.
+    pub async fn start<F>(mut spawn: F) -> Result<Self>
+    where
+        F: FnMut(u16) -> Result<ChildGuard>,
+    {
+        let mut attempt = 1;
+        loop {
+            let port = free_port()?;
+            let mut process = spawn(port)?;
+            match wait_ready(port, &mut process).await {
+                Ok(()) => return Ok(Self { port, process }),
+                Err(e)
+                    if attempt < 3
+                        && process.exited().is_some()
+                        && process
+                            .output()
+                            .to_lowercase()
+                            .contains("address already in use") =>
+                {
+                    eprintln!("port {port} was taken, retrying: {e:#}");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Polls `GET /v2/` until it answers 200; fails early if the process exits first.
+pub async fn wait_ready(port: u16, process: &mut ChildGuard) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = process.exited() {
+            bail!(
+                "{} exited with {status} before answering GET /v2/ on port {port}:\n{}",
+                process.name(),
+                process.output_tail()
+            );
+        }
+        let last = match load::get_status(port, "/v2/").await {
+            Ok(200) => return Ok(()),
+            Ok(status) => format!("status {status}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not answer 200 on GET /v2/ (port {port}) within {READY_TIMEOUT:?}, \
+                 last: {last}:\n{}",
+                process.name(),
+                process.output_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A `docker-registry serve` config: filesystem storage under `data`, optionally a pull-through
+/// proxy of `remote`. `quiet` turns the access log off and logs errors only (the upstream, whose
+/// logging is no part of any measurement); otherwise distribution's defaults apply.
+pub fn registry_config(data: &Path, port: u16, remote: Option<&str>, quiet: bool) -> String {
+    let log = if quiet {
+        "log:\n  level: error\n  accesslog:\n    disabled: true\n"
+    } else {
+        "log:\n  level: info\n"
+    };
+    let proxy = remote
+        .map(|url| format!("proxy:\n  remoteurl: {url}\n"))
+        .unwrap_or_default();
+    format!(
+        "version: 0.1\n{log}storage:\n  filesystem:\n    rootdirectory: {data}\n  \
+         cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
+        data = data.display()
+    )
+}
+
+/// Starts `docker-registry serve` with its config, data and log under `dir`.
+pub async fn start_registry(name: &str, dir: &Path, remote: Option<&str>) -> Result<Server> {
+    let bin = find_program("docker-registry")?;
+    fs::create_dir_all(dir)?;
+    let quiet = remote.is_none();
+    Server::start(|port| {
+        let config = dir.join("config.yml");
+        fs::write(
+            &config,
+            registry_config(&dir.join("data"), port, remote, quiet),
+        )?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("serve").arg(&config).current_dir(dir);
+        ChildGuard::spawn(name, cmd, dir.join("registry.log"))
+    })
+    .await
+}
+
+/// Starts entrepot's release binary with its config, store (`store`) and log under `dir`, the
+/// one (default) upstream at `upstream_url`. `log_filter` sets `ENTREPOT_LOG` (None: the
+/// binary's default, access log included).
+pub async fn start_entrepot(
+    dir: &Path,
+    store: &Path,
+    upstream_url: &str,
+    log_filter: Option<&str>,
+) -> Result<Server> {
+    fs::create_dir_all(dir)?;
+    Server::start(|port| {
+        let cmd = entrepot_command(dir, store, upstream_url, port, log_filter)?;
+        ChildGuard::spawn("entrepot", cmd, dir.join("entrepot.log"))
+    })
+    .await
+}
+
+/// The command that runs entrepot on `port` (config written to `dir/entrepot.toml`).
+pub fn entrepot_command(
+    dir: &Path,
+    store: &Path,
+    upstream_url: &str,
+    port: u16,
+    log_filter: Option<&str>,
+) -> Result<Command> {
+    let config = dir.join("entrepot.toml");
+    fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"1s\"\n\n\
+             [storage]\nroot = {store:?}\n\n\
+             [[upstream]]\nname = \"upstream\"\nurl = \"{upstream_url}\"\ndefault = true\n\
+             tag_ttl = \"1h\"\n",
+            store = store.display().to_string(),
+        ),
+    )?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_entrepot"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir);
+    match log_filter {
+        Some(filter) => cmd.env("ENTREPOT_LOG", filter),
+        None => cmd.env_remove("ENTREPOT_LOG"),
+    };
+    Ok(cmd)
+}
+
+/// nginx serving the upstream registry's blob files at the registry's URL shape,
+/// `/v2/<repo>/blobs/sha256:<hex>`, with sendfile (or, `sendfile` false, read/write through
+/// 1 MiB buffers), one worker per core and an open-file cache
+/// (the reference should be the best a file server does here: entrepot keeps its blobs open
+/// too); no access log. Everything it writes stays under `dir`.
+pub async fn start_nginx(dir: &Path, registry_dir: &Path, sendfile: bool) -> Result<Server> {
+    let bin = find_program("nginx")?;
+    fs::create_dir_all(dir.join("tmp"))?;
+    let blobs = registry_dir.join("data/docker/registry/v2/blobs/sha256");
+    // Running as root, the workers would switch to `nobody`, who cannot read a private temp
+    // folder; keep them root. (Not root: nginx ignores the user directive and says so.)
+    let user = if is_root() { "user root;\n" } else { "" };
+    let copy = if sendfile {
+        "sendfile on;\n  tcp_nopush on;"
+    } else {
+        "sendfile off;\n  output_buffers 2 1m;"
+    };
+    Server::start(|port| {
+        let d = dir.display();
+        let conf = format!(
+            "{user}daemon off;\nmaster_process on;\nworker_processes auto;\n\
+             pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  {copy}\n  tcp_nodelay on;\n  \
+             keepalive_requests 1000000;\n  keepalive_timeout 120s;\n  \
+             open_file_cache max=10000 inactive=120s;\n  open_file_cache_valid 120s;\n  \
+             default_type application/octet-stream;\n  \
+             client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
+             fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  \
+             scgi_temp_path {d}/tmp/scgi;\n  \
+             server {{\n    listen 127.0.0.1:{port} reuseport;\n    \
+             location = /v2/ {{ return 200 '{{}}'; }}\n    \
+             location ~ \"^/v2/.+/blobs/sha256:([0-9a-f]{{2}})([0-9a-f]{{62}})$\" {{\n      \
+             alias {blobs}/$1/$1$2/data;\n    }}\n  }}\n}}\n",
+            blobs = blobs.display(),
+        );
+        let path = dir.join("nginx.conf");
+        fs::write(&path, conf)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&path);
+        ChildGuard::spawn("nginx", cmd, dir.join("nginx.out"))
+    })
+    .await
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
