@@ -64,7 +64,7 @@ impl Server {
             root: config.storage.root.display().to_string(),
             source,
         })?;
-        let upstreams = Upstreams::new(&config.upstreams, clock.clone())?;
+        let upstreams = Upstreams::new(&config.upstreams, clock.clone(), config.server.offline)?;
         let metrics = crate::metrics::install();
         crate::metrics::cache_max(config.storage.max_size);
         Ok(Server {
@@ -242,7 +242,13 @@ async fn serve_admin(
             let state = state.clone();
             async move {
                 let head = req.method() == hyper::Method::HEAD;
-                let resp = match http::admin::serve(&state, req.uri().path(), head).await {
+                let (parts, body) = req.into_parts();
+                let served =
+                    http::admin::serve(&state, &parts.method, parts.uri.path(), move || {
+                        http::read_small_body(body)
+                    })
+                    .await;
+                let resp = match served {
                     Some(r) => r,
                     None => crate::error::ApiError::Route(crate::oci::RouteError::NotFound)
                         .into_response(crate::oci::Kind::Other, head),

@@ -34,6 +34,8 @@ pub struct ServerConfig {
     /// A separate listener for `/metrics`, `/healthz` and `/readyz`; without it they are served
     /// on `listen` too.
     pub admin_listen: Option<SocketAddr>,
+    /// Never contact an upstream: answer from the store only (air-gapped sites).
+    pub offline: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +119,8 @@ struct RawServer {
     listen: Option<String>,
     shutdown_grace: Option<String>,
     admin_listen: Option<String>,
+    #[serde(default)]
+    offline: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -310,6 +314,7 @@ impl Config {
                 listen,
                 shutdown_grace,
                 admin_listen,
+                offline: raw.server.offline,
             },
             storage: StorageConfig {
                 root,

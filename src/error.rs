@@ -62,7 +62,7 @@ impl ApiError {
             }
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Upstream(e) => match &e.kind {
-                UpstreamErrorKind::NotFound => StatusCode::NOT_FOUND,
+                UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline => StatusCode::NOT_FOUND,
                 UpstreamErrorKind::Denied => StatusCode::FORBIDDEN,
                 UpstreamErrorKind::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -94,7 +94,7 @@ impl ApiError {
             ApiError::PaginationInvalid => "PAGINATION_NUMBER_INVALID",
             ApiError::RangeNotSatisfiable { .. } => "BLOB_UNKNOWN",
             ApiError::Upstream(e) => match &e.kind {
-                UpstreamErrorKind::NotFound => unknown,
+                UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline => unknown,
                 UpstreamErrorKind::Denied => "DENIED",
                 UpstreamErrorKind::RateLimited { .. } => "TOOMANYREQUESTS",
                 _ => "UNKNOWN",

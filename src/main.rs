@@ -40,6 +40,10 @@ enum Command {
         /// Store directory; overrides [storage] root.
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
+        /// Never contact an upstream: serve the store only (air-gapped sites); same as
+        /// [server] offline = true.
+        #[arg(long)]
+        offline: bool,
     },
     /// Inspect and maintain the store folder (works with or without a running server).
     Cache {
@@ -125,6 +129,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             config,
             listen,
             root,
+            offline,
         } => {
             let mut cfg = match &config {
                 Some(path) => Config::load(path)?,
@@ -136,6 +141,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             if let Some(r) = root {
                 cfg.storage.root = r;
             }
+            cfg.server.offline |= offline;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?

@@ -300,11 +300,12 @@ pub fn gc(t: &Target, to: Option<u64>, out: &mut impl io::Write) -> Result<(), M
         writeln!(out, "store is {}: nothing to do", human_size(total))?;
         return Ok(());
     }
-    let pins = t
+    let mut pins = t
         .config
         .as_ref()
         .map(|c| c.pins.clone())
         .unwrap_or_default();
+    pins.extend(crate::cache::pins::load(&t.root)?);
     let protected = evict::pinned(&inv, &pins, |u| t.upstream_name(u));
     let plan = evict::plan(
         &inv,

@@ -217,7 +217,9 @@ async fn sweep_once(
     if total <= max {
         return Ok(());
     }
-    let mut protected = pinned(&inv, pins, |u| upstream_names(u));
+    let mut all_pins = pins.to_vec();
+    all_pins.extend(super::pins::load(&root).unwrap_or_default());
+    let mut protected = pinned(&inv, &all_pins, |u| upstream_names(u));
     protected.extend(store.usage.in_use());
     let usage = store.usage.clone();
     let p = plan(

@@ -6,8 +6,8 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use futures_util::{FutureExt, StreamExt};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderValue, Method};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -17,10 +17,9 @@ use super::Store;
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
 
-/// Upstream bytes are gathered into batches of at most this much before one write + hash on
-/// the blocking pool. A batch is cut short whenever the upstream has nothing more ready, so a
-/// slow upstream still reaches followers promptly.
-const BATCH: usize = 512 * 1024;
+/// At most this much upstream data is gathered into one batch (one write + hash on the
+/// blocking pool) while the previous batch is being written.
+const BATCH: usize = 1024 * 1024;
 
 /// Where a fill gets its bytes.
 #[derive(Clone)]
@@ -193,41 +192,49 @@ async fn fill_blob(
 
     let mut stream = resp.bytes_stream();
     let mut writer = BatchWriter::new(file.clone(), digest.algorithm());
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batched = 0usize;
     let mut submitted: u64 = 0;
     let mut eof = false;
-    while !eof {
-        let mut buf = BytesMut::new();
-        match stream.next().await {
-            None => break,
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "upstream body error");
-                return Err(up.error(UpstreamErrorKind::Truncated).into());
+    // Reading goes on while the previous batch is hashed and written; whatever arrived by then
+    // is the next batch. A fast upstream makes large batches (few blocking-pool round trips),
+    // a slow one small batches (followers see bytes as soon as they are written).
+    loop {
+        if !writer.busy() && !batch.is_empty() {
+            submitted += batched as u64;
+            if total.is_some_and(|t| submitted > t) {
+                return Err(up
+                    .error(UpstreamErrorKind::Protocol(
+                        "blob longer than its Content-Length",
+                    ))
+                    .into());
             }
-            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            crate::metrics::upstream_bytes(up.name(), batched as u64);
+            writer.submit(std::mem::take(&mut batch), tx).await?;
+            batched = 0;
         }
-        while buf.len() < BATCH {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
-                Some(Some(Err(_))) => return Err(up.error(UpstreamErrorKind::Truncated).into()),
-                Some(None) => {
-                    eof = true;
-                    break;
+        if eof && !writer.busy() && batch.is_empty() {
+            break;
+        }
+        tokio::select! {
+            done = writer.wait(), if writer.busy() => done?,
+            chunk = stream.next(), if !eof && batched < BATCH => match chunk {
+                None => eof = true,
+                Some(Ok(c)) => {
+                    batched += c.len();
+                    batch.push(c);
                 }
-                None => break,
-            }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "upstream body error");
+                    return Err(up.error(UpstreamErrorKind::Truncated).into());
+                }
+            },
         }
-        submitted += buf.len() as u64;
-        crate::metrics::upstream_bytes(up.name(), buf.len() as u64);
-        if total.is_some_and(|t| submitted > t) {
-            return Err(up
-                .error(UpstreamErrorKind::Protocol(
-                    "blob longer than its Content-Length",
-                ))
-                .into());
+        if writer.finished() {
+            writer.settle(tx)?;
         }
-        writer.submit(buf, tx).await?;
     }
-    let (written, actual) = writer.finish(tx).await?;
+    let (written, actual) = writer.finish();
     if total.is_some_and(|t| t != written) {
         return Err(up.error(UpstreamErrorKind::Truncated).into());
     }
@@ -251,15 +258,17 @@ async fn fill_blob(
 }
 
 type InflightBatch = tokio::task::JoinHandle<(Hasher, io::Result<()>)>;
+type BatchResult = Result<(Hasher, io::Result<()>), tokio::task::JoinError>;
 
-/// Hashes and writes batches on the blocking pool with one batch in flight, so the next batch
-/// downloads while the previous one is hashed and written. Memory stays bounded at two batches.
+/// Hashes and writes batches on the blocking pool, one batch in flight at a time, so the next
+/// batch downloads meanwhile. Memory stays bounded at two batches.
 struct BatchWriter {
     file: Arc<File>,
     hasher: Option<Hasher>,
     /// The batch being hashed and written: its length and the task (which hands the hasher
-    /// back).
+    /// back), and its result once the task is done.
     inflight: Option<(u64, InflightBatch)>,
+    done: Option<(u64, BatchResult)>,
     written: u64,
 }
 
@@ -269,51 +278,78 @@ impl BatchWriter {
             file,
             hasher: Some(Hasher::new(algorithm)),
             inflight: None,
+            done: None,
             written: 0,
         }
     }
 
-    /// Waits for the batch in flight and tells followers its bytes are readable.
-    async fn settle(&mut self, tx: &watch::Sender<Progress>) -> Result<(), FillError> {
-        if let Some((n, task)) = self.inflight.take() {
-            let (hasher, res) = task.await.map_err(|e| storage_error(io::Error::other(e)))?;
-            res.map_err(storage_error)?;
-            self.hasher = Some(hasher);
-            self.written += n;
-            let written = self.written;
-            tx.send_modify(|p| {
-                if let Progress::Streaming { written: w, .. } = p {
-                    *w = written;
-                }
-            });
+    /// A batch is in flight or its result not yet taken.
+    fn busy(&self) -> bool {
+        self.inflight.is_some() || self.done.is_some()
+    }
+
+    fn finished(&self) -> bool {
+        self.done.is_some()
+    }
+
+    /// Waits for the batch in flight (cancel-safe: the result is kept until `settle`).
+    async fn wait(&mut self) -> Result<(), FillError> {
+        if let Some((n, task)) = self.inflight.as_mut() {
+            let r = task.await;
+            let n = *n;
+            self.inflight = None;
+            self.done = Some((n, r));
         }
+        Ok(())
+    }
+
+    /// Takes the finished batch's result and tells followers its bytes are readable.
+    fn settle(&mut self, tx: &watch::Sender<Progress>) -> Result<(), FillError> {
+        let Some((n, r)) = self.done.take() else {
+            return Ok(());
+        };
+        let (hasher, res) = r.map_err(|e| storage_error(io::Error::other(e)))?;
+        res.map_err(storage_error)?;
+        self.hasher = Some(hasher);
+        self.written += n;
+        let written = self.written;
+        tx.send_modify(|p| {
+            if let Progress::Streaming { written: w, .. } = p {
+                *w = written;
+            }
+        });
         Ok(())
     }
 
     async fn submit(
         &mut self,
-        buf: BytesMut,
+        batch: Vec<Bytes>,
         tx: &watch::Sender<Progress>,
     ) -> Result<(), FillError> {
-        self.settle(tx).await?;
+        self.wait().await?;
+        self.settle(tx)?;
         let mut hasher = self.hasher.take().expect("hasher is back after settle");
         let file = self.file.clone();
-        let n = buf.len() as u64;
+        let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
         self.inflight = Some((
             n,
             tokio::task::spawn_blocking(move || {
-                hasher.update(&buf);
-                let res = io::Write::write_all(&mut &*file, &buf);
+                let mut res = Ok(());
+                for b in &batch {
+                    hasher.update(b);
+                    if res.is_ok() {
+                        res = io::Write::write_all(&mut &*file, b);
+                    }
+                }
                 (hasher, res)
             }),
         ));
         Ok(())
     }
 
-    /// All bytes written: their count and digest.
-    async fn finish(mut self, tx: &watch::Sender<Progress>) -> Result<(u64, Digest), FillError> {
-        self.settle(tx).await?;
-        let hasher = self.hasher.take().expect("hasher is back after settle");
-        Ok((self.written, hasher.finish()))
+    /// All bytes written (the caller waited for the last batch): their count and digest.
+    fn finish(mut self) -> (u64, Digest) {
+        let hasher = self.hasher.take().expect("no batch in flight at the end");
+        (self.written, hasher.finish())
     }
 }

@@ -10,6 +10,13 @@ use bytes::Bytes;
 use super::{temp, Store};
 use crate::oci::Digest;
 
+/// Where a manifest's media type is recorded (its presence marks the manifest stored).
+pub fn meta_path(root: &std::path::Path, digest: &Digest) -> PathBuf {
+    root.join("meta/manifests")
+        .join(digest.algorithm().as_str())
+        .join(digest.hex())
+}
+
 #[derive(Debug)]
 pub struct StoredManifest {
     pub digest: Digest,
@@ -19,10 +26,7 @@ pub struct StoredManifest {
 
 impl Store {
     fn manifest_meta_path(&self, digest: &Digest) -> PathBuf {
-        self.root()
-            .join("meta/manifests")
-            .join(digest.algorithm().as_str())
-            .join(digest.hex())
+        meta_path(self.root(), digest)
     }
 
     /// The manifest with this digest, if stored. Its bytes were verified when stored.
@@ -57,13 +61,20 @@ impl Store {
             temp::write_atomic(self.tmp_dir(), m.digest.hex(), blob, m.body.clone()).await?;
             self.committed(&m.digest, m.body.len() as u64);
         }
-        temp::write_atomic(
-            self.tmp_dir(),
-            "manifest-type",
-            self.manifest_meta_path(&m.digest),
-            Bytes::from(m.media_type.clone()),
-        )
-        .await?;
+        let meta = self.manifest_meta_path(&m.digest);
+        if !tokio::fs::try_exists(&meta).await.unwrap_or(false) {
+            temp::write_atomic(
+                self.tmp_dir(),
+                "manifest-type",
+                meta,
+                Bytes::from(m.media_type.clone()),
+            )
+            .await?;
+            self.journal_append(super::journal::Entry::Manifest {
+                digest: m.digest.to_string(),
+                media_type: m.media_type.clone(),
+            });
+        }
         self.manifest_cache.insert(m.digest.clone(), m);
         Ok(())
     }

@@ -11,8 +11,10 @@
 pub mod evict;
 pub mod fill;
 pub mod inventory;
+pub mod journal;
 pub mod manifests;
 mod mapped;
+pub mod pins;
 pub mod read;
 pub mod tags;
 mod temp;
@@ -59,6 +61,7 @@ pub struct Store {
     mapped: moka::sync::Cache<Digest, Bytes>,
     pub tags: TagIndex,
     pub usage: Arc<usage::Usage>,
+    pub journal: Arc<journal::Journal>,
     max_size: Option<u64>,
     /// Woken when a commit takes the store past `max_size`, so eviction starts at once.
     pub over_limit: tokio::sync::Notify,
@@ -89,9 +92,11 @@ impl Store {
             Err(e) => return Err(e),
         }
         std::fs::create_dir_all(&tmp)?;
+        let journal = Arc::new(journal::Journal::open(root)?);
         Ok(Store {
             root: root.to_path_buf(),
-            tags: TagIndex::new(root.join("meta/tags"), tmp.clone(), clock),
+            tags: TagIndex::new(root.join("meta/tags"), tmp.clone(), clock, journal.clone()),
+            journal,
             tmp,
             fills: Mutex::new(HashMap::new()),
             tracker,
@@ -198,10 +203,20 @@ impl Store {
 
     /// A blob of `size` bytes was committed.
     pub(crate) fn committed(&self, digest: &Digest, size: u64) {
+        self.journal_append(journal::Entry::Blob {
+            digest: digest.to_string(),
+        });
         self.usage.added(size);
         self.usage.touch(digest);
         if self.max_size.is_some_and(|m| self.usage.bytes() > m) {
             self.over_limit.notify_one();
+        }
+    }
+
+    pub(crate) fn journal_append(&self, entry: journal::Entry) {
+        if let Err(e) = self.journal.append(entry) {
+            crate::metrics::storage_error();
+            tracing::error!(error = %e, "could not append to the journal");
         }
     }
 

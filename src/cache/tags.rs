@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::journal::{Entry, Journal};
 use super::temp;
 use crate::clock::Clock;
 use crate::oci::{Digest, RepoName, Tag};
@@ -24,13 +25,49 @@ pub struct TagEntry {
     pub fetched: Instant,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct TagRecord {
-    digest: String,
-    media_type: String,
-    size: u64,
+/// A tag's file: `meta/tags/<upstream>/<repo>/_tags/<tag>`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TagRecord {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
     /// Unix seconds.
-    fetched_at: u64,
+    pub fetched_at: u64,
+}
+
+/// Where a tag's record lives. Validated names and tags cannot escape the folder, and `_tags`
+/// cannot be a repository component (components start with a letter or digit).
+pub fn record_path(root: &std::path::Path, upstream: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
+    root.join("meta/tags")
+        .join(upstream)
+        .join(repo.as_str())
+        .join("_tags")
+        .join(tag.as_str())
+}
+
+/// Writes a tag record atomically, for tools that work on the store folder (`import`).
+/// Blocking.
+pub fn write_record(
+    root: &std::path::Path,
+    upstream: &str,
+    repo: &RepoName,
+    tag: &Tag,
+    rec: &TagRecord,
+) -> io::Result<()> {
+    let dest = record_path(root, upstream, repo, tag);
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = root.join("tmp").join(format!(
+        "tag-record.{}.{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    ));
+    std::fs::write(&tmp, serde_json::to_vec(rec).map_err(io::Error::other)?)?;
+    std::fs::rename(&tmp, &dest)
 }
 
 type Key = (Arc<str>, RepoName, Tag);
@@ -39,15 +76,17 @@ pub struct TagIndex {
     dir: PathBuf,
     tmp: PathBuf,
     clock: Clock,
+    journal: Arc<Journal>,
     mem: Mutex<HashMap<Key, TagEntry>>,
 }
 
 impl TagIndex {
-    pub fn new(dir: PathBuf, tmp: PathBuf, clock: Clock) -> TagIndex {
+    pub fn new(dir: PathBuf, tmp: PathBuf, clock: Clock, journal: Arc<Journal>) -> TagIndex {
         TagIndex {
             dir,
             tmp,
             clock,
+            journal,
             mem: Mutex::new(HashMap::new()),
         }
     }
@@ -137,7 +176,12 @@ impl TagIndex {
                 .as_secs(),
         };
         let key = (upstream.clone(), repo.clone(), tag.clone());
-        self.mem.lock().unwrap().insert(key, entry.clone());
+        let moved = self
+            .mem
+            .lock()
+            .unwrap()
+            .insert(key, entry.clone())
+            .is_none_or(|old| old.digest != entry.digest);
         let json = serde_json::to_vec(&rec).map_err(io::Error::other)?;
         temp::write_atomic(
             &self.tmp,
@@ -146,6 +190,16 @@ impl TagIndex {
             Bytes::from(json),
         )
         .await?;
+        if moved {
+            self.journal.append(Entry::Tag {
+                upstream: upstream.to_string(),
+                repo: repo.to_string(),
+                tag: tag.to_string(),
+                digest: entry.digest.to_string(),
+                media_type: entry.media_type.clone(),
+                size,
+            })?;
+        }
         Ok(entry)
     }
 }
@@ -159,7 +213,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tmp = dir.path().join("tmp");
         std::fs::create_dir_all(&tmp).unwrap();
-        let idx = TagIndex::new(dir.path().join("tags"), tmp.clone(), Clock::default());
+        std::fs::create_dir_all(dir.path().join("meta")).unwrap();
+        let journal = Arc::new(Journal::open(dir.path()).unwrap());
+        let idx = TagIndex::new(
+            dir.path().join("tags"),
+            tmp.clone(),
+            Clock::default(),
+            journal.clone(),
+        );
         let up: Arc<str> = "docker.io".into();
         let repo: RepoName = "library/alpine".parse().unwrap();
         let tag: Tag = "3.20".parse().unwrap();
@@ -176,7 +237,13 @@ mod tests {
         assert!(!idx.is_fresh(&e, ttl));
 
         // A new index over the same folder (a restart) finds the mapping.
-        let again = TagIndex::new(dir.path().join("tags"), tmp, Clock::default());
+        let again = TagIndex::new(
+            dir.path().join("tags"),
+            tmp,
+            Clock::default(),
+            journal.clone(),
+        );
+        assert_eq!(journal.last_seq(), 1, "one tag recorded");
         let e2 = again.get(&up, &repo, &tag).await.unwrap();
         assert_eq!(e2.digest, d);
         assert_eq!(e2.media_type, "x/y");

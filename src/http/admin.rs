@@ -1,14 +1,27 @@
-//! Operator endpoints: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (the store is writable). Served on the main listener, or on `admin_listen` alone.
+//! Operator endpoints: `/metrics` (Prometheus text), `/healthz` (the process answers),
+//! `/readyz` (the store is writable) and `POST /pins` (record pinned images, one reference a
+//! line, as `entrepot prefetch --server` does). Served on the main listener, or on
+//! `admin_listen` alone.
 
-use http::{header, Response, StatusCode};
+use bytes::Bytes;
+use http::{header, Method, Response, StatusCode};
 
 use super::body::{self, Body};
 use super::AppState;
 
 /// Answers an operator path, or `None` if `path` is not one.
-pub async fn serve(state: &AppState, path: &str, head: bool) -> Option<Response<Body>> {
+pub async fn serve(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    body: impl FnOnce() -> futures_util::future::BoxFuture<'static, Option<Bytes>>,
+) -> Option<Response<Body>> {
+    let head = method == Method::HEAD;
     let (status, content_type, text) = match path {
+        "/pins" if method == Method::POST => {
+            let text = body().await.unwrap_or_default();
+            pins(state, &String::from_utf8_lossy(&text)).await
+        }
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -41,4 +54,42 @@ pub async fn serve(state: &AppState, path: &str, head: bool) -> Option<Response<
             })
             .expect("valid response"),
     )
+}
+
+/// Records pins in the store; every line must name a configured upstream.
+async fn pins(state: &AppState, text: &str) -> (StatusCode, &'static str, String) {
+    let mut parsed = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match crate::config::parse_image_ref(line) {
+            Ok(mut p) => match state
+                .config
+                .upstreams
+                .iter()
+                .find(|u| u.matches(&p.upstream))
+            {
+                Some(u) => {
+                    p.upstream = u.name.clone();
+                    parsed.push(p);
+                }
+                None => {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        format!("{line}: names no configured upstream\n"),
+                    )
+                }
+            },
+            Err(e) => return (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        }
+    }
+    let root = state.store.root().to_path_buf();
+    let n = parsed.len();
+    match tokio::task::spawn_blocking(move || crate::cache::pins::add(&root, &parsed)).await {
+        Ok(Ok(())) => (StatusCode::OK, "text/plain", format!("pinned {n}\n")),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "could not record pins\n".to_string(),
+        ),
+    }
 }

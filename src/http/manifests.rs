@@ -70,7 +70,8 @@ async fn by_tag(state: &AppState, ctx: &Ctx, tag: &Tag) -> Result<Response<Body>
     let Some(entry) = cached else {
         return tag_miss(state, ctx, tag).await;
     };
-    if tags.is_fresh(&entry, ctx.upstream.config().tag_ttl) {
+    // Offline, the store is the truth whatever the mapping's age.
+    if ctx.upstream.offline() || tags.is_fresh(&entry, ctx.upstream.config().tag_ttl) {
         return serve_entry(state, ctx, &entry, Outcome::Hit).await;
     }
     // Stale: revalidate with a HEAD, which does not count against Docker Hub's pull limit.

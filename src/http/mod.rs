@@ -62,7 +62,11 @@ pub async fn handle<B>(
     state: Arc<AppState>,
     req: Request<B>,
     remote: SocketAddr,
-) -> Response<LoggedBody> {
+) -> Response<LoggedBody>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -82,8 +86,13 @@ pub async fn handle<B>(
         started: Instant::now(),
     };
     let head = req.method() == Method::HEAD;
+    let (parts, body) = req.into_parts();
+    let req = Request::from_parts(parts, ());
     let admin = if state.admin_on_main && !info.path.starts_with("/v2") {
-        admin::serve(&state, &info.path, head).await
+        admin::serve(&state, req.method(), &info.path, move || {
+            read_small_body(body)
+        })
+        .await
     } else {
         None
     };
@@ -111,6 +120,12 @@ pub async fn handle<B>(
         .get::<Outcome>()
         .copied()
         .unwrap_or(Outcome::Hit);
+    if info.upstream.is_some() {
+        resp.headers_mut().insert(
+            "X-Entrepot-Cache",
+            HeaderValue::from_static(outcome.as_str()),
+        );
+    }
     let status = resp.status().as_u16();
     let expected = resp
         .headers()
@@ -185,6 +200,19 @@ async fn route<B>(
         resp.headers_mut().insert("OCI-Namespace", ns);
     }
     Ok(resp)
+}
+
+/// Reads a request body of at most 1 MiB (operator requests only).
+pub fn read_small_body<B>(body: B) -> futures_util::future::BoxFuture<'static, Option<bytes::Bytes>>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    Box::pin(async move {
+        let limited = http_body_util::Limited::new(body, 1 << 20);
+        limited.collect().await.ok().map(|c| c.to_bytes())
+    })
 }
 
 /// A small JSON response; for HEAD the same headers without the body.

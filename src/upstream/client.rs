@@ -36,12 +36,17 @@ pub struct Upstream {
     http: reqwest::Client,
     clock: Clock,
     auth: AuthState,
+    offline: bool,
 }
 
 static TLS_PROVIDER: Once = Once::new();
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig, clock: Clock) -> Result<Upstream, reqwest::Error> {
+    pub fn new(
+        config: UpstreamConfig,
+        clock: Clock,
+        offline: bool,
+    ) -> Result<Upstream, reqwest::Error> {
         TLS_PROVIDER.call_once(|| {
             // Another part of the process may have installed one already; either is fine.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -59,11 +64,17 @@ impl Upstream {
             http,
             clock,
             auth: AuthState::default(),
+            offline,
         })
     }
 
     pub fn name(&self) -> &Arc<str> {
         &self.name
+    }
+
+    /// Offline: never contacted; tags are answered from the store whatever their age.
+    pub fn offline(&self) -> bool {
+        self.offline
     }
 
     pub fn config(&self) -> &UpstreamConfig {
@@ -83,6 +94,9 @@ impl Upstream {
         &self,
         req: &UpstreamRequest<'_>,
     ) -> Result<reqwest::Response, UpstreamError> {
+        if self.offline {
+            return Err(self.error(UpstreamErrorKind::Offline));
+        }
         let endpoints = std::iter::once(&self.config.url).chain(&self.config.mirrors);
         let count = 1 + self.config.mirrors.len();
         let mut last = None;

@@ -44,6 +44,9 @@ pub enum UpstreamErrorKind {
     TooLarge(u64),
     #[error("sent an invalid response: {0}")]
     Protocol(&'static str),
+    /// The proxy runs offline (`server.offline`): no upstream is contacted.
+    #[error("not contacted: entrepot is offline and this is not in its store")]
+    Offline,
 }
 
 impl UpstreamErrorKind {
@@ -66,10 +69,14 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(configs: &[UpstreamConfig], clock: Clock) -> Result<Upstreams, reqwest::Error> {
+    pub fn new(
+        configs: &[UpstreamConfig],
+        clock: Clock,
+        offline: bool,
+    ) -> Result<Upstreams, reqwest::Error> {
         let list = configs
             .iter()
-            .map(|c| Upstream::new(c.clone(), clock.clone()).map(Arc::new))
+            .map(|c| Upstream::new(c.clone(), clock.clone(), offline).map(Arc::new))
             .collect::<Result<_, _>>()?;
         Ok(Upstreams { list })
     }
@@ -139,7 +146,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        Upstreams::new(&c.upstreams, Clock::default()).unwrap()
+        Upstreams::new(&c.upstreams, Clock::default(), false).unwrap()
     }
 
     fn sel(u: &Upstreams, ns: Option<&str>, name: &str) -> Result<(String, String), ApiError> {
@@ -190,7 +197,7 @@ mod tests {
     fn no_default_refuses_bare_names() {
         let c =
             Config::parse("[[upstream]]\nname = \"a.io\"\nurl = \"http://127.0.0.1:1\"").unwrap();
-        let u = Upstreams::new(&c.upstreams, Clock::default()).unwrap();
+        let u = Upstreams::new(&c.upstreams, Clock::default(), false).unwrap();
         assert!(matches!(
             sel(&u, None, "library/alpine"),
             Err(ApiError::NoUpstream(_))
