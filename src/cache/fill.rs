@@ -1,10 +1,13 @@
-//! The blob fill: one detached task per digest that owns the upstream stream, writes a temp
-//! file, hashes as it goes, publishes bytes written on a `watch`, verifies at the end and
-//! commits atomically. Clients never own it: they follow it (see `read::follow`).
+//! The blob fill: one detached task per digest that owns the upstream stream. Upstream bytes
+//! go into a bounded in-memory tail that followers at the live edge read without a copy, while
+//! blocking-pool tasks hash them and write them to a temp file behind. At the end the digest is
+//! verified (followers get the last byte only then) and the file committed atomically.
+//! Clients never own a fill: they follow it (see `read::follow`).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -16,10 +19,6 @@ use super::temp::TempFile;
 use super::Store;
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
-
-/// At most this much upstream data is gathered into one batch (one write + hash on the
-/// blocking pool) while the previous batch is being written.
-const BATCH: usize = 1024 * 1024;
 
 /// Where a fill gets its bytes.
 #[derive(Clone)]
@@ -33,13 +32,14 @@ pub struct FillSource {
 pub enum Progress {
     /// Waiting for the upstream's response headers.
     Connecting,
-    /// Bytes `0..written` are in `file`; `total` is the upstream's Content-Length.
+    /// Bytes `0..written` are readable: the oldest from `file`, the newest (perhaps not yet
+    /// on disk) from the fill's tail. `total` is the upstream's Content-Length.
     Streaming {
         file: Arc<File>,
         total: Option<u64>,
         written: u64,
     },
-    /// All `size` bytes are in `file` and verified against the digest.
+    /// All `size` bytes are verified against the digest and readable as above.
     Done { file: Arc<File>, size: u64 },
     /// The fill failed; nothing was stored.
     Failed(FillError),
@@ -65,7 +65,23 @@ pub struct Fill {
     source: FillSource,
     progress: watch::Receiver<Progress>,
     temp_name: std::sync::OnceLock<String>,
+    tail: Mutex<Tail>,
 }
+
+/// The newest hashed bytes of a fill, in upstream order: `(offset, chunk)` pairs. Chunks leave
+/// only once they are on disk, and only past `TAIL_KEEP` bytes, so followers keeping up with
+/// the upstream never touch the file.
+#[derive(Default)]
+struct Tail {
+    chunks: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+/// Written bytes kept in memory for followers at the live edge.
+const TAIL_KEEP: usize = 8 << 20;
+/// Received bytes not yet on disk before the fill stops reading the upstream (a slow disk or
+/// hash then paces the fill instead of filling memory).
+const MAX_UNWRITTEN: u64 = 16 << 20;
 
 impl Fill {
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
@@ -74,6 +90,48 @@ impl Fill {
 
     pub fn source(&self) -> &FillSource {
         &self.source
+    }
+
+    /// Up to `max` bytes at `pos` from the in-memory tail, without a copy; `None` when `pos` is
+    /// older than the tail (then it is on disk).
+    pub fn tail_slice(&self, pos: u64, max: u64) -> Option<Bytes> {
+        let tail = self.tail.lock().unwrap();
+        let first = tail.chunks.front()?.0;
+        if pos < first {
+            return None;
+        }
+        let i = tail.chunks.partition_point(|(off, _)| *off <= pos) - 1;
+        let (off, chunk) = &tail.chunks[i];
+        let start = (pos - off) as usize;
+        if start >= chunk.len() {
+            return None;
+        }
+        let end = chunk.len().min(start + max as usize);
+        Some(chunk.slice(start..end))
+    }
+
+    fn push_tail(&self, offset: u64, chunks: &[Bytes]) {
+        let mut tail = self.tail.lock().unwrap();
+        let mut off = offset;
+        for c in chunks {
+            tail.bytes += c.len();
+            tail.chunks.push_back((off, c.clone()));
+            off += c.len() as u64;
+        }
+    }
+
+    /// Drops the oldest chunks that are on disk while the tail holds more than `TAIL_KEEP`.
+    fn trim_tail(&self, on_disk: u64) {
+        let mut tail = self.tail.lock().unwrap();
+        while tail.bytes > TAIL_KEEP {
+            match tail.chunks.front() {
+                Some((off, c)) if off + c.len() as u64 <= on_disk => {
+                    tail.bytes -= c.len();
+                    tail.chunks.pop_front();
+                }
+                _ => break,
+            }
+        }
     }
 
     /// The name of this fill's temp file, once created.
@@ -110,6 +168,7 @@ pub(super) fn new_fill(digest: Digest, source: FillSource) -> (Arc<Fill>, watch:
         source,
         progress: rx,
         temp_name: std::sync::OnceLock::new(),
+        tail: Mutex::new(Tail::default()),
     });
     (fill, tx)
 }
@@ -191,38 +250,82 @@ async fn fill_blob(
     });
 
     let mut stream = resp.bytes_stream();
-    let mut writer = BatchWriter::new(file.clone(), digest.algorithm());
+    let mut hasher = Some(Hasher::new(digest.algorithm()));
     let mut batch: Vec<Bytes> = Vec::new();
-    let mut batched = 0usize;
-    let mut submitted: u64 = 0;
+    let mut hashing: Option<Blocking<(Hasher, Vec<Bytes>)>> = None;
+    let mut writing: Option<Blocking<io::Result<u64>>> = None;
+    let mut to_write: VecDeque<Vec<Bytes>> = VecDeque::new();
+    let mut received: u64 = 0;
+    let mut on_disk: u64 = 0;
     let mut eof = false;
-    // Reading goes on while the previous batch is hashed and written; whatever arrived by then
-    // is the next batch. A fast upstream makes large batches (few blocking-pool round trips),
-    // a slow one small batches (followers see bytes as soon as they are written).
+    // Received bytes are readable at once (from the tail); hashing and writing trail behind on
+    // the blocking pool, each one batch at a time, batches being whatever arrived meanwhile.
     loop {
-        if !writer.busy() && !batch.is_empty() {
-            submitted += batched as u64;
-            if total.is_some_and(|t| submitted > t) {
-                return Err(up
-                    .error(UpstreamErrorKind::Protocol(
-                        "blob longer than its Content-Length",
-                    ))
-                    .into());
-            }
-            crate::metrics::upstream_bytes(up.name(), batched as u64);
-            writer.submit(std::mem::take(&mut batch), tx).await?;
-            batched = 0;
+        if hashing.is_none() && !batch.is_empty() {
+            let mut h = hasher
+                .take()
+                .expect("hasher is back when no batch is hashing");
+            let chunks = std::mem::take(&mut batch);
+            hashing = Some(tokio::task::spawn_blocking(move || {
+                for c in &chunks {
+                    h.update(c);
+                }
+                (h, chunks)
+            }));
         }
-        if eof && !writer.busy() && batch.is_empty() {
+        if writing.is_none() {
+            if let Some(chunks) = to_write.pop_front() {
+                let f = file.clone();
+                writing = Some(tokio::task::spawn_blocking(move || {
+                    let mut n = 0;
+                    for c in &chunks {
+                        io::Write::write_all(&mut &*f, c)?;
+                        n += c.len() as u64;
+                    }
+                    Ok(n)
+                }));
+            }
+        }
+        if eof && hashing.is_none() && writing.is_none() && batch.is_empty() && to_write.is_empty()
+        {
             break;
         }
+        let can_read = !eof && received - on_disk < MAX_UNWRITTEN;
         tokio::select! {
-            done = writer.wait(), if writer.busy() => done?,
-            chunk = stream.next(), if !eof && batched < BATCH => match chunk {
+            r = async { hashing.as_mut().expect("guarded").await }, if hashing.is_some() => {
+                hashing = None;
+                let (h, chunks) = r.map_err(|e| storage_error(io::Error::other(e)))?;
+                hasher = Some(h);
+                to_write.push_back(chunks);
+            }
+            r = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
+                writing = None;
+                let n = r
+                    .map_err(|e| storage_error(io::Error::other(e)))?
+                    .map_err(storage_error)?;
+                on_disk += n;
+                fill.trim_tail(on_disk);
+            }
+            chunk = stream.next(), if can_read => match chunk {
                 None => eof = true,
+                Some(Ok(c)) if c.is_empty() => {}
                 Some(Ok(c)) => {
-                    batched += c.len();
+                    if total.is_some_and(|t| received + c.len() as u64 > t) {
+                        return Err(up
+                            .error(UpstreamErrorKind::Protocol(
+                                "blob longer than its Content-Length",
+                            ))
+                            .into());
+                    }
+                    crate::metrics::upstream_bytes(up.name(), c.len() as u64);
+                    fill.push_tail(received, std::slice::from_ref(&c));
+                    received += c.len() as u64;
                     batch.push(c);
+                    tx.send_modify(|p| {
+                        if let Progress::Streaming { written, .. } = p {
+                            *written = received;
+                        }
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "upstream body error");
@@ -230,11 +333,9 @@ async fn fill_blob(
                 }
             },
         }
-        if writer.finished() {
-            writer.settle(tx)?;
-        }
     }
-    let (written, actual) = writer.finish();
+    let written = received;
+    let actual = hasher.take().expect("no batch hashing at the end").finish();
     if total.is_some_and(|t| t != written) {
         return Err(up.error(UpstreamErrorKind::Truncated).into());
     }
@@ -257,99 +358,5 @@ async fn fill_blob(
     Ok(written)
 }
 
-type InflightBatch = tokio::task::JoinHandle<(Hasher, io::Result<()>)>;
-type BatchResult = Result<(Hasher, io::Result<()>), tokio::task::JoinError>;
-
-/// Hashes and writes batches on the blocking pool, one batch in flight at a time, so the next
-/// batch downloads meanwhile. Memory stays bounded at two batches.
-struct BatchWriter {
-    file: Arc<File>,
-    hasher: Option<Hasher>,
-    /// The batch being hashed and written: its length and the task (which hands the hasher
-    /// back), and its result once the task is done.
-    inflight: Option<(u64, InflightBatch)>,
-    done: Option<(u64, BatchResult)>,
-    written: u64,
-}
-
-impl BatchWriter {
-    fn new(file: Arc<File>, algorithm: crate::oci::Algorithm) -> BatchWriter {
-        BatchWriter {
-            file,
-            hasher: Some(Hasher::new(algorithm)),
-            inflight: None,
-            done: None,
-            written: 0,
-        }
-    }
-
-    /// A batch is in flight or its result not yet taken.
-    fn busy(&self) -> bool {
-        self.inflight.is_some() || self.done.is_some()
-    }
-
-    fn finished(&self) -> bool {
-        self.done.is_some()
-    }
-
-    /// Waits for the batch in flight (cancel-safe: the result is kept until `settle`).
-    async fn wait(&mut self) -> Result<(), FillError> {
-        if let Some((n, task)) = self.inflight.as_mut() {
-            let r = task.await;
-            let n = *n;
-            self.inflight = None;
-            self.done = Some((n, r));
-        }
-        Ok(())
-    }
-
-    /// Takes the finished batch's result and tells followers its bytes are readable.
-    fn settle(&mut self, tx: &watch::Sender<Progress>) -> Result<(), FillError> {
-        let Some((n, r)) = self.done.take() else {
-            return Ok(());
-        };
-        let (hasher, res) = r.map_err(|e| storage_error(io::Error::other(e)))?;
-        res.map_err(storage_error)?;
-        self.hasher = Some(hasher);
-        self.written += n;
-        let written = self.written;
-        tx.send_modify(|p| {
-            if let Progress::Streaming { written: w, .. } = p {
-                *w = written;
-            }
-        });
-        Ok(())
-    }
-
-    async fn submit(
-        &mut self,
-        batch: Vec<Bytes>,
-        tx: &watch::Sender<Progress>,
-    ) -> Result<(), FillError> {
-        self.wait().await?;
-        self.settle(tx)?;
-        let mut hasher = self.hasher.take().expect("hasher is back after settle");
-        let file = self.file.clone();
-        let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
-        self.inflight = Some((
-            n,
-            tokio::task::spawn_blocking(move || {
-                let mut res = Ok(());
-                for b in &batch {
-                    hasher.update(b);
-                    if res.is_ok() {
-                        res = io::Write::write_all(&mut &*file, b);
-                    }
-                }
-                (hasher, res)
-            }),
-        ));
-        Ok(())
-    }
-
-    /// All bytes written (the caller waited for the last batch): their count and digest.
-    fn finish(mut self) -> (u64, Digest) {
-        let hasher = self.hasher.take().expect("no batch in flight at the end");
-        (self.written, hasher.finish())
-    }
-}
+/// A blocking-pool task of the fill.
+type Blocking<T> = tokio::task::JoinHandle<T>;

@@ -125,9 +125,14 @@ pub fn follow(
             };
             let limit = st.end.map_or(available, |e| e.min(available));
             if st.pos < limit {
-                let n = (limit - st.pos).min(CHUNK);
-                let bytes = read_at(file, st.pos, n).await?;
-                st.pos += n;
+                // At the live edge the bytes are still in the fill's tail: no read, no copy.
+                // Older bytes have left the tail only after reaching the file.
+                let want = (limit - st.pos).min(CHUNK);
+                let bytes = match st.fill.tail_slice(st.pos, want) {
+                    Some(b) => b,
+                    None => read_at(file, st.pos, want).await?,
+                };
+                st.pos += bytes.len() as u64;
                 return Ok(Some((bytes, st)));
             }
             if complete || st.end.is_some_and(|e| st.pos >= e) {
