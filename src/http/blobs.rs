@@ -26,7 +26,8 @@ pub async fn serve(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(RangeSpec::parse);
-    let source = (!ctx.head).then(|| FillSource {
+    // HEAD never starts a fill, and neither does anything offline (a miss is then a 404).
+    let source = (!ctx.head && !ctx.upstream.offline()).then(|| FillSource {
         upstream: ctx.upstream.clone(),
         repo: ctx.repo.clone(),
     });

@@ -40,10 +40,24 @@ impl Proxy {
         Proxy::start_config("", upstreams, root).await
     }
 
+    /// Starts entrepot on `root` with extra `[server]` keys (e.g. `offline = true`).
+    pub async fn start_with_server(server_extra: &str, upstreams: &str, root: &Path) -> Proxy {
+        Proxy::start_full(server_extra, "", upstreams, root).await
+    }
+
     async fn start_config(storage_extra: &str, upstreams: &str, root: &Path) -> Proxy {
+        Proxy::start_full("", storage_extra, upstreams, root).await
+    }
+
+    async fn start_full(
+        server_extra: &str,
+        storage_extra: &str,
+        upstreams: &str,
+        root: &Path,
+    ) -> Proxy {
         super::install_crypto();
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[storage]\nroot = \"{}\"\n{storage_extra}\n{upstreams}",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{server_extra}\n[storage]\nroot = \"{}\"\n{storage_extra}\n{upstreams}",
             root.display()
         );
         let config = Config::parse(&text).expect("test config is valid");
