@@ -26,6 +26,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod bundle;
 pub mod cache;
 pub mod clock;
 pub mod config;
@@ -34,6 +35,7 @@ pub mod http;
 pub mod maintenance;
 pub mod metrics;
 pub mod oci;
+pub mod prefetch;
 pub mod upstream;
 
 pub use app::Server;

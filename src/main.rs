@@ -56,6 +56,13 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// Fill the store ahead of need: images (all platforms by default) are fetched through the
+    /// same verified fill path as a pull, and pinned.
+    Prefetch(entrepot::prefetch::PrefetchArgs),
+    /// Write images from the store as an OCI image layout tar (for an air-gapped site).
+    Export(entrepot::bundle::ExportArgs),
+    /// Verify and load a bundle written by `entrepot export` into the store.
+    Import(entrepot::bundle::ImportArgs),
     /// Check a configuration file and print the upstreams it defines.
     CheckConfig {
         /// TOML configuration file.
@@ -148,6 +155,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 .block_on(serve(cfg))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Prefetch(args) => entrepot::prefetch::run(args),
+        Command::Export(args) => entrepot::bundle::export(args),
+        Command::Import(args) => entrepot::bundle::import(args),
         Command::Cache {
             config,
             root,
