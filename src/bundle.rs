@@ -915,6 +915,13 @@ fn write_bundle(
 
 pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let target = maintenance::target(args.config.as_deref(), args.root.clone())?;
+    // A store that exists may have a server on it: importing beside it would race its journal
+    // numbering and its in-memory tags. (A store that does not exist yet has no server.)
+    let _lock = if target.root.is_dir() {
+        Some(crate::cache::lock::acquire(&target.root)?)
+    } else {
+        None
+    };
     let mut stdout = io::stdout().lock();
     run_import(&target, &args.bundle, &mut stdout).map_err(|e| {
         let bundle = args.bundle.display();
@@ -961,7 +968,9 @@ impl Staging {
         let mut created = Vec::new();
         match std::fs::read_dir(root) {
             Ok(mut entries) => {
-                if entries.next().is_some() && !root.join("blobs").is_dir() {
+                // The store lock file is ours (taken just before), not foreign content.
+                let foreign = entries.any(|e| e.is_ok_and(|e| e.file_name() != "lock"));
+                if foreign && !root.join("blobs").is_dir() {
                     return Err(ImportError::Usage(format!(
                         "{} is not an entrepot store (no blobs/ folder) and not empty",
                         root.display()

@@ -183,11 +183,16 @@ fn pinned_content(root: &Path) -> Content {
 }
 
 /// Every file and folder under `root`, with a hash of each file's content.
+/// Every folder and file of a store with its content's digest; the store's `lock` file (which
+/// an import takes, empty) is coordination, not content.
 fn listing(root: &Path) -> BTreeMap<String, String> {
     fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
             let rel = e.path().strip_prefix(base).unwrap().display().to_string();
+            if rel == "lock" {
+                continue;
+            }
             if e.file_type().unwrap().is_dir() {
                 out.insert(rel, "dir".to_string());
                 walk(base, &e.path(), out);

@@ -150,6 +150,7 @@ async fn serve_offline(config: &Path, log: &Path) -> Result<(u16, ChildGuard)> {
 }
 
 /// Every file under `root` with the digest of its content: equal snapshots, unchanged store.
+/// The store's `lock` file (empty; taken by import) is coordination, not content.
 fn snapshot(root: &Path) -> Result<BTreeMap<PathBuf, String>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
@@ -165,6 +166,9 @@ fn snapshot(root: &Path) -> Result<BTreeMap<PathBuf, String>> {
                 stack.push(path);
             } else {
                 let rel = path.strip_prefix(root)?.to_path_buf();
+                if rel == Path::new("lock") {
+                    continue;
+                }
                 out.insert(rel, sha256_digest(&fs::read(&path)?));
             }
         }

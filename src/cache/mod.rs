@@ -12,6 +12,7 @@ pub mod evict;
 pub mod fill;
 pub mod inventory;
 pub mod journal;
+pub mod lock;
 pub mod manifests;
 mod mapped;
 pub mod pins;
@@ -62,6 +63,7 @@ pub struct Store {
     pub tags: TagIndex,
     pub usage: Arc<usage::Usage>,
     pub journal: Arc<journal::Journal>,
+    _lock: lock::StoreLock,
     max_size: Option<u64>,
     /// Woken when a commit takes the store past `max_size`, so eviction starts at once.
     pub over_limit: tokio::sync::Notify,
@@ -78,6 +80,9 @@ impl Store {
         cancel: CancellationToken,
     ) -> io::Result<Store> {
         let tmp = root.join("tmp");
+        std::fs::create_dir_all(root)?;
+        // Before anything else: the temp folder below may belong to another live process.
+        let store_lock = lock::acquire(root)?;
         for dir in [
             "blobs/sha256",
             "blobs/sha512",
@@ -107,6 +112,7 @@ impl Store {
                 .build(),
             mapped: moka::sync::Cache::new(MAPPED_BLOBS),
             usage: Arc::new(usage::Usage::default()),
+            _lock: store_lock,
             max_size,
             over_limit: tokio::sync::Notify::new(),
         })
