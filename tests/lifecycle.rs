@@ -8,46 +8,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::fake_registry::{FakeRegistry, PushedImage};
 use common::proxy::Proxy;
-use common::{random_bytes, upstream, OCI_MANIFEST};
+use common::{random_bytes, upstream};
 use entrepot::cache::inventory;
 use futures_util::StreamExt;
 
 const MIB: usize = 1 << 20;
-
-/// Pulls an image (manifest by tag, every layer and the config) through the proxy, checking
-/// every byte.
-async fn pull(proxy: &Proxy, repo: &str, tag: &str) -> Result<(), String> {
-    let c = common::client();
-    let r = c
-        .get(proxy.url(&format!("/v2/{repo}/manifests/{tag}")))
-        .header("Accept", OCI_MANIFEST)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status() != 200 {
-        return Err(format!("{repo}:{tag} manifest: {}", r.status()));
-    }
-    let m: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_string()];
-    for l in m["layers"].as_array().unwrap() {
-        digests.push(l["digest"].as_str().unwrap().to_string());
-    }
-    for d in digests {
-        let r = c
-            .get(proxy.url(&format!("/v2/{repo}/blobs/{d}")))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if r.status() != 200 {
-            return Err(format!("{repo}:{tag} blob {d}: {}", r.status()));
-        }
-        let body = r.bytes().await.map_err(|e| e.to_string())?;
-        if common::sha256_digest(&body) != d {
-            return Err(format!("{repo}:{tag} blob {d}: wrong bytes"));
-        }
-    }
-    Ok(())
-}
 
 fn store_size(proxy: &Proxy) -> u64 {
     inventory::scan(&proxy.root).unwrap().total_bytes()
@@ -70,8 +35,8 @@ async fn the_store_stays_bounded_keeping_pinned_and_in_use_images_and_whole_tags
         &(upstream("fake", &up.url(), true, "") + "[[pin]]\nimage = \"fake/team/pinned:v1\"\n"),
     )
     .await;
-    pull(&proxy, "team/pinned", "v1").await.unwrap();
-    pull(&proxy, "team/in-use", "v1").await.unwrap();
+    proxy.pull_image("team/pinned", "v1").await.unwrap();
+    proxy.pull_image("team/in-use", "v1").await.unwrap();
 
     // A client starts reading the big layer and stalls: that blob is in use.
     let reader = common::client()
@@ -86,7 +51,7 @@ async fn the_store_stays_bounded_keeping_pinned_and_in_use_images_and_whole_tags
     let pulls: Vec<_> = (0..small.len())
         .map(|i| {
             let p = &proxy;
-            async move { pull(p, &format!("team/app{i}"), "v1").await }
+            async move { p.pull_image(&format!("team/app{i}"), "v1").await }
         })
         .collect();
     for r in futures_util::future::join_all(pulls).await {
@@ -149,7 +114,8 @@ async fn the_store_stays_bounded_keeping_pinned_and_in_use_images_and_whole_tags
     assert!(tags.len() >= 3, "{tags:?}");
     drop(up);
     for t in &tags {
-        pull(&proxy, &t.repo, &t.tag)
+        proxy
+            .pull_image(&t.repo, &t.tag)
             .await
             .unwrap_or_else(|e| panic!("{}/{}:{} no longer pulls: {e}", t.upstream, t.repo, t.tag));
     }

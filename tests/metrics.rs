@@ -8,42 +8,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use common::fake_registry::FakeRegistry;
 use common::proxy::Proxy;
-use common::{random_bytes, upstream, OCI_MANIFEST};
-
-/// Pulls an image (manifest by tag, every layer and the config) through the proxy, checking
-/// every byte.
-async fn pull(proxy: &Proxy, repo: &str, tag: &str) -> Result<(), String> {
-    let c = common::client();
-    let r = c
-        .get(proxy.url(&format!("/v2/{repo}/manifests/{tag}")))
-        .header("Accept", OCI_MANIFEST)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status() != 200 {
-        return Err(format!("{repo}:{tag} manifest: {}", r.status()));
-    }
-    let m: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_string()];
-    for l in m["layers"].as_array().unwrap() {
-        digests.push(l["digest"].as_str().unwrap().to_string());
-    }
-    for d in digests {
-        let r = c
-            .get(proxy.url(&format!("/v2/{repo}/blobs/{d}")))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if r.status() != 200 {
-            return Err(format!("{repo}:{tag} blob {d}: {}", r.status()));
-        }
-        let body = r.bytes().await.map_err(|e| e.to_string())?;
-        if common::sha256_digest(&body) != d {
-            return Err(format!("{repo}:{tag} blob {d}: wrong bytes"));
-        }
-    }
-    Ok(())
-}
+use common::{random_bytes, upstream};
 
 /// Parses Prometheus text into `name{labels}` → value.
 async fn metrics(proxy: &Proxy) -> HashMap<String, f64> {
@@ -93,7 +58,7 @@ async fn metrics_change_as_clients_pull() {
         &[("source", "cache")],
     );
 
-    pull(&proxy, "team/app", "v1").await.unwrap();
+    proxy.pull_image("team/app", "v1").await.unwrap();
     proxy.wait_idle().await;
     let m = metrics(&proxy).await;
     let miss = [
@@ -136,7 +101,7 @@ async fn metrics_change_as_clients_pull() {
     assert!(value(&m, "entrepot_cache_bytes", &[]) > 0.0);
 
     // Again: now hits, served from the cache.
-    pull(&proxy, "team/app", "v1").await.unwrap();
+    proxy.pull_image("team/app", "v1").await.unwrap();
     let m = metrics(&proxy).await;
     let hit = [("upstream", name), ("kind", "blob"), ("outcome", "hit")];
     assert_eq!(value(&m, "entrepot_requests_total", &hit), 2.0);

@@ -81,6 +81,41 @@ impl Proxy {
         }
     }
 
+    /// Pulls an image through the proxy: its manifest by tag, then its config and every layer,
+    /// checking every byte against its digest.
+    pub async fn pull_image(&self, repo: &str, tag: &str) -> Result<(), String> {
+        let c = super::client();
+        let r = c
+            .get(self.url(&format!("/v2/{repo}/manifests/{tag}")))
+            .header("Accept", super::OCI_MANIFEST)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status() != 200 {
+            return Err(format!("{repo}:{tag} manifest: {}", r.status()));
+        }
+        let m: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+        for l in m["layers"].as_array().unwrap() {
+            digests.push(l["digest"].as_str().unwrap().to_string());
+        }
+        for d in digests {
+            let r = c
+                .get(self.url(&format!("/v2/{repo}/blobs/{d}")))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status() != 200 {
+                return Err(format!("{repo}:{tag} blob {d}: {}", r.status()));
+            }
+            let body = r.bytes().await.map_err(|e| e.to_string())?;
+            if super::sha256_digest(&body) != d {
+                return Err(format!("{repo}:{tag} blob {d}: wrong bytes"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
