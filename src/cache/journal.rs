@@ -38,7 +38,6 @@ pub struct Line {
 }
 
 pub struct Journal {
-    path: PathBuf,
     /// The open journal and the last sequence number written.
     state: Mutex<(File, u64)>,
 }
@@ -54,7 +53,6 @@ impl Journal {
         let last = last_seq(&path)?;
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         Ok(Journal {
-            path,
             state: Mutex::new((file, last)),
         })
     }
@@ -72,10 +70,6 @@ impl Journal {
 
     pub fn last_seq(&self) -> u64 {
         self.state.lock().unwrap().1
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

@@ -91,10 +91,6 @@ impl TagIndex {
         }
     }
 
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
     fn path(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
         // Validated names and tags cannot escape this folder, and `_tags` cannot be a
         // repository component (components start with a letter or digit).

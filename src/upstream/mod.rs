@@ -81,10 +81,6 @@ impl Upstreams {
         Ok(Upstreams { list })
     }
 
-    pub fn all(&self) -> &[Arc<Upstream>] {
-        &self.list
-    }
-
     fn by_name(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.list.iter().find(|u| u.config().matches(name))
     }
