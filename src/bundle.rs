@@ -75,12 +75,8 @@ pub struct ExportArgs {
     /// line an earlier export printed). The receiving site must have imported that export.
     #[arg(long, value_name = "SEQ")]
     pub since: Option<u64>,
-    /// TOML configuration file: its storage.root, pins and upstream names are used.
-    #[arg(long, short, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Store directory; overrides the configuration's (default ./entrepot-data).
-    #[arg(long, value_name = "DIR")]
-    pub root: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: maintenance::StoreArgs,
 }
 
 /// Arguments of `entrepot import`.
@@ -88,15 +84,11 @@ pub struct ExportArgs {
 pub struct ImportArgs {
     /// The bundle written by `entrepot export` (or any OCI image layout tar whose images are
     /// named registry/repository:tag).
+    /// The store (`--root`) is created if missing.
     #[arg(value_name = "BUNDLE")]
     pub bundle: PathBuf,
-    /// TOML configuration file: its storage.root and upstream names are used.
-    #[arg(long, short, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Store directory; overrides the configuration's (default ./entrepot-data). Created if
-    /// missing.
-    #[arg(long, value_name = "DIR")]
-    pub root: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: maintenance::StoreArgs,
 }
 
 /// Why an export was not written.
@@ -545,7 +537,7 @@ struct Image {
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let target = maintenance::target(args.config.as_deref(), args.root.clone())?;
+    let target = args.store.target()?;
     let mut stdout = io::stdout().lock();
     run_export(&target, &args, &mut stdout)?;
     Ok(ExitCode::SUCCESS)
@@ -914,7 +906,7 @@ fn write_bundle(
 // Import
 
 pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let target = maintenance::target(args.config.as_deref(), args.root.clone())?;
+    let target = args.store.target()?;
     // A store that exists may have a server on it: importing beside it would race its journal
     // numbering and its in-memory tags. (A store that does not exist yet has no server.)
     let _lock = if target.root.is_dir() {

@@ -47,12 +47,8 @@ enum Command {
     },
     /// Inspect and maintain the store folder (works with or without a running server).
     Cache {
-        /// TOML configuration file: its storage.root, pins and low-water mark are used.
-        #[arg(long, short, value_name = "FILE", global = true)]
-        config: Option<PathBuf>,
-        /// Store directory; overrides the configuration's (default ./entrepot-data).
-        #[arg(long, value_name = "DIR", global = true)]
-        root: Option<PathBuf>,
+        #[command(flatten)]
+        store: entrepot::maintenance::StoreArgs,
         #[command(subcommand)]
         action: CacheAction,
     },
@@ -97,12 +93,11 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn cache_command(
-    config: Option<PathBuf>,
-    root: Option<PathBuf>,
+    store: entrepot::maintenance::StoreArgs,
     action: CacheAction,
 ) -> anyhow::Result<std::process::ExitCode> {
     use entrepot::maintenance;
-    let target = maintenance::target(config.as_deref(), root)?;
+    let target = store.target()?;
     let mut out = std::io::stdout().lock();
     match action {
         CacheAction::Ls => maintenance::ls(&target, &mut out)?,
@@ -158,11 +153,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Prefetch(args) => entrepot::prefetch::run(args),
         Command::Export(args) => entrepot::bundle::export(args),
         Command::Import(args) => entrepot::bundle::import(args),
-        Command::Cache {
-            config,
-            root,
-            action,
-        } => cache_command(config, root, action),
+        Command::Cache { store, action } => cache_command(store, action),
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             for u in &cfg.upstreams {

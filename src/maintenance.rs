@@ -326,6 +326,24 @@ pub fn gc(t: &Target, to: Option<u64>, out: &mut impl io::Write) -> Result<(), M
     Ok(())
 }
 
+/// How a command finds the store: `--config` and/or `--root` (shared by `cache`, `export`
+/// and `import`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// TOML configuration file: its storage.root, pins, low-water mark and upstream names.
+    #[arg(long, short, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// Store directory; overrides the configuration's (default ./entrepot-data).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub root: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub fn target(&self) -> Result<Target, config::ConfigError> {
+        target(self.config.as_deref(), self.root.clone())
+    }
+}
+
 /// The store folder: `--root`, else the configuration's, else the default.
 pub fn target(config: Option<&Path>, root: Option<PathBuf>) -> Result<Target, config::ConfigError> {
     let config = config.map(Config::load).transpose()?;

@@ -110,8 +110,15 @@ async fn the_store_stays_bounded_keeping_pinned_and_in_use_images_and_whole_tags
     assert_eq!(common::sha256_digest(&held), big.layers[0]);
 
     // With the upstream gone, every tag still in the store pulls completely.
+    // (How many small images survive depends on how the concurrent pulls and eviction passes
+    // interleave; the pinned and the in-use image always do.)
     let tags = inv.tags.clone();
-    assert!(tags.len() >= 3, "{tags:?}");
+    for repo in ["team/pinned", "team/in-use"] {
+        assert!(
+            tags.iter().any(|t| t.repo == repo),
+            "{repo} lost its tag: {tags:?}"
+        );
+    }
     drop(up);
     for t in &tags {
         proxy
@@ -157,6 +164,10 @@ async fn operator_endpoints_on_their_own_listener() {
         let _ = rx.await;
     }));
     let c = common::client();
+    let status = |url: String| {
+        let c = c.clone();
+        async move { c.get(url).send().await.unwrap().status() }
+    };
     let r = c
         .get(format!("http://{admin_addr}/metrics"))
         .send()
@@ -164,39 +175,11 @@ async fn operator_endpoints_on_their_own_listener() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("entrepot_"));
-    assert_eq!(
-        c.get(format!("http://{admin_addr}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.get(format!("http://{admin_addr}/v2/"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(status(format!("http://{admin_addr}/readyz")).await, 200);
+    assert_eq!(status(format!("http://{admin_addr}/v2/")).await, 404);
     // Not on the registry listener when an admin listener is configured.
-    assert_eq!(
-        c.get(format!("http://{main_addr}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        c.get(format!("http://{main_addr}/v2/"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(format!("http://{main_addr}/metrics")).await, 404);
+    assert_eq!(status(format!("http://{main_addr}/v2/")).await, 200);
     tx.send(()).unwrap();
     run.await.unwrap().unwrap();
 }
