@@ -24,13 +24,9 @@ async fn pull(proxy: &Proxy, repo: &str, tag: &str) -> reqwest::StatusCode {
     let m = common::json(r).await;
     for l in m["layers"].as_array().unwrap() {
         let d = l["digest"].as_str().unwrap();
-        let r = c
-            .get(proxy.url(&format!("/v2/{repo}/blobs/{d}")))
-            .send()
+        common::get_blob(&c, &proxy.url(&format!("/v2/{repo}/blobs/{d}")), d)
             .await
             .unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
     }
     status
 }

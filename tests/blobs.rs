@@ -94,21 +94,42 @@ async fn sixteen_concurrent_cold_clients_cost_one_upstream_get() {
             barrier.wait().await;
             let resp = common::client().get(url).send().await.unwrap();
             assert_eq!(resp.status(), 200);
-            read_body(resp).await.unwrap()
+            let outcome = resp.headers()["X-Entrepot-Cache"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (outcome, read_body(resp).await.unwrap())
         }));
     }
-    // Hold the upstream's answer until its one GET has arrived and every client has had time
-    // to join the fill; late joiners are fine too (they must not cause another GET).
-    while up.count("GET", "/blobs/") == 0 {
+    // Hold the upstream's answer until all 16 requests follow the one fill.
+    let d: entrepot::oci::Digest = digest.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while proxy
+        .store
+        .fill_in_progress(&d)
+        .is_none_or(|f| f.requests() < 16)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "16 requests never joined one fill"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     gate.notify_one();
+    let mut outcomes = Vec::new();
     for t in tasks {
-        let body = t.await.unwrap();
+        let (outcome, body) = t.await.unwrap();
         assert_eq!(body.len(), data.len());
         assert!(body == data, "a client got wrong bytes");
+        outcomes.push(outcome);
     }
+    outcomes.sort();
+    let mut expected = vec!["joined".to_owned(); 15];
+    expected.push("miss".to_owned());
+    assert_eq!(
+        outcomes, expected,
+        "one request starts the fill, the others join it"
+    );
     assert_eq!(up.count("GET", "/blobs/"), 1);
     assert_eq!(sha256_digest(&proxy.wait_cached(&digest).await), digest);
 }

@@ -35,9 +35,13 @@ async fn pull_all(proxy: &Proxy, repo: &str, img: &common::fake_registry::Pushed
         200
     );
     for d in img.layers.iter().chain([&img.config]) {
-        let r = proxy.get(&format!("/v2/{repo}/blobs/{d}")).await;
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
+        common::get_blob(
+            &common::client(),
+            &proxy.url(&format!("/v2/{repo}/blobs/{d}")),
+            d,
+        )
+        .await
+        .unwrap();
     }
     proxy.wait_idle().await;
 }

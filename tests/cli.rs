@@ -108,14 +108,11 @@ async fn serves_logs_each_request_and_drains_on_sigterm() {
             break line[i + 5..].split_whitespace().next().unwrap().to_string();
         }
     };
-    let c = common::client();
-    let r = c
-        .get(format!("http://{addr}/v2/team/app/blobs/{}", img.layers[0]))
-        .send()
+    let url = format!("http://{addr}/v2/team/app/blobs/{}", img.layers[0]);
+    let body = common::get_blob(&common::client(), &url, &img.layers[0])
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.bytes().await.unwrap().len(), 123_456);
+    assert_eq!(body.len(), 123_456);
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

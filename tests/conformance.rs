@@ -646,3 +646,11 @@ async fn referrers_pass_the_upstreams_404_through() {
     }
     report.finish();
 }
+
+/// The report behind every test above fails a run that recorded no check, so a scenario that
+/// silently skips its checks cannot pass.
+#[test]
+#[should_panic(expected = "no conformance check ran")]
+fn an_empty_conformance_report_fails() {
+    Report::default().finish();
+}

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -15,8 +16,9 @@ use http::{header, HeaderMap, HeaderValue, Method};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::tail::{Located, Tail};
 use super::temp::TempFile;
-use super::Store;
+use super::{InProgress, Store};
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
 
@@ -66,15 +68,8 @@ pub struct Fill {
     progress: watch::Receiver<Progress>,
     temp_name: std::sync::OnceLock<String>,
     tail: Mutex<Tail>,
-}
-
-/// The newest hashed bytes of a fill, in upstream order: `(offset, chunk)` pairs. Chunks leave
-/// only once they are on disk, and only past `TAIL_KEEP` bytes, so followers keeping up with
-/// the upstream never touch the file.
-#[derive(Default)]
-struct Tail {
-    chunks: VecDeque<(u64, Bytes)>,
-    bytes: usize,
+    /// Requests served by this fill: the one that started it and every one that joined.
+    requests: AtomicU64,
 }
 
 /// Written bytes kept in memory for followers at the live edge.
@@ -92,46 +87,30 @@ impl Fill {
         &self.source
     }
 
-    /// Up to `max` bytes at `pos` from the in-memory tail, without a copy; `None` when `pos` is
-    /// older than the tail (then it is on disk).
-    pub fn tail_slice(&self, pos: u64, max: u64) -> Option<Bytes> {
-        let tail = self.tail.lock().unwrap();
-        let first = tail.chunks.front()?.0;
-        if pos < first {
-            return None;
-        }
-        let i = tail.chunks.partition_point(|(off, _)| *off <= pos) - 1;
-        let (off, chunk) = &tail.chunks[i];
-        let start = (pos - off) as usize;
-        if start >= chunk.len() {
-            return None;
-        }
-        let end = chunk.len().min(start + max as usize);
-        Some(chunk.slice(start..end))
+    /// How many requests this fill has served so far (the first and every joiner).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
-    fn push_tail(&self, offset: u64, chunks: &[Bytes]) {
-        let mut tail = self.tail.lock().unwrap();
-        let mut off = offset;
-        for c in chunks {
-            tail.bytes += c.len();
-            tail.chunks.push_back((off, c.clone()));
-            off += c.len() as u64;
-        }
+    /// Counts one more request following this fill.
+    pub(super) fn add_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Drops the oldest chunks that are on disk while the tail holds more than `TAIL_KEEP`.
-    fn trim_tail(&self, on_disk: u64) {
-        let mut tail = self.tail.lock().unwrap();
-        while tail.bytes > TAIL_KEEP {
-            match tail.chunks.front() {
-                Some((off, c)) if off + c.len() as u64 <= on_disk => {
-                    tail.bytes -= c.len();
-                    tail.chunks.pop_front();
-                }
-                _ => break,
-            }
-        }
+    /// Where up to `max` bytes at `pos` can be read: from memory without a copy, or from the
+    /// temp file (never further than it has been written).
+    pub(super) fn locate(&self, pos: u64, max: u64) -> Located {
+        self.tail.lock().unwrap().locate(pos, max)
+    }
+
+    /// Bytes received from the source, readable at once. Publish them after this call.
+    pub(super) fn receive(&self, chunk: Bytes) {
+        self.tail.lock().unwrap().receive(chunk);
+    }
+
+    /// `n` more bytes reached the temp file.
+    pub(super) fn wrote(&self, n: u64) {
+        self.tail.lock().unwrap().wrote(n);
     }
 
     /// The name of this fill's temp file, once created.
@@ -160,38 +139,45 @@ impl Fill {
     }
 }
 
-/// Creates the fill and its (not yet spawned) task.
+/// Creates the fill and the sender of its progress (for the task that will run it).
 pub(super) fn new_fill(digest: Digest, source: FillSource) -> (Arc<Fill>, watch::Sender<Progress>) {
+    new_fill_keeping(digest, source, TAIL_KEEP)
+}
+
+/// [`new_fill`] with `keep` written bytes held in memory (small in tests).
+pub(super) fn new_fill_keeping(
+    digest: Digest,
+    source: FillSource,
+    keep: usize,
+) -> (Arc<Fill>, watch::Sender<Progress>) {
     let (tx, rx) = watch::channel(Progress::Connecting);
     let fill = Arc::new(Fill {
         digest,
         source,
         progress: rx,
         temp_name: std::sync::OnceLock::new(),
-        tail: Mutex::new(Tail::default()),
+        tail: Mutex::new(Tail::new(keep)),
+        requests: AtomicU64::new(0),
     });
     (fill, tx)
 }
 
 /// The fill task. Runs to completion unless `cancel` fires (shutdown); whatever happens, the
-/// fill leaves the in-progress map and its followers get a final state.
-pub(super) async fn run(
-    store: Arc<Store>,
-    fill: Arc<Fill>,
-    tx: watch::Sender<Progress>,
-    cancel: CancellationToken,
-) {
+/// fill leaves the in-progress map (`entry` is dropped) before its followers get a final state.
+pub(super) async fn run(entry: InProgress, tx: watch::Sender<Progress>, cancel: CancellationToken) {
     let started = tokio::time::Instant::now();
+    let fill = entry.fill.clone();
     let result = tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(FillError::Cancelled),
-        r = fill_blob(&store, &fill, &tx) => r,
+        r = fill_blob(&entry.store, &fill, &tx) => r,
     };
-    // The temp file (owned by `fill_blob`) is gone by now on every error path.
-    store.forget_fill(&fill.digest);
+    // The temp file (owned by `fill_blob`) is gone by now on every error path. Leaving the map
+    // first means a request that sees the failure can start a fresh fill.
+    drop(entry);
     match result {
         Ok(size) => {
-            tracing::info!(digest = %fill.digest, upstream = %fill.source.upstream.name(), repository = %fill.source.repo, bytes = size, duration_ms = started.elapsed().as_millis() as u64, "blob cached");
+            tracing::info!(digest = %fill.digest, upstream = %fill.source.upstream.name(), repository = %fill.source.repo, bytes = size, requests = fill.requests(), duration_ms = started.elapsed().as_millis() as u64, "blob cached");
         }
         Err(e) => {
             if matches!(e, FillError::Storage(_)) {
@@ -304,7 +290,7 @@ async fn fill_blob(
                     .map_err(|e| storage_error(io::Error::other(e)))?
                     .map_err(storage_error)?;
                 on_disk += n;
-                fill.trim_tail(on_disk);
+                fill.wrote(n);
             }
             chunk = stream.next(), if can_read => match chunk {
                 None => eof = true,
@@ -318,8 +304,8 @@ async fn fill_blob(
                             .into());
                     }
                     crate::metrics::upstream_bytes(up.name(), c.len() as u64);
-                    fill.push_tail(received, std::slice::from_ref(&c));
                     received += c.len() as u64;
+                    fill.receive(c.clone());
                     batch.push(c);
                     tx.send_modify(|p| {
                         if let Progress::Streaming { written, .. } = p {
@@ -360,3 +346,17 @@ async fn fill_blob(
 
 /// A blocking-pool task of the fill.
 type Blocking<T> = tokio::task::JoinHandle<T>;
+
+/// A fill source for unit tests: an upstream on a port nothing listens on, never contacted.
+#[cfg(test)]
+pub(super) fn test_source() -> FillSource {
+    let config =
+        crate::Config::parse("[[upstream]]\nname = \"test\"\nurl = \"http://127.0.0.1:9\"\n")
+            .expect("test config");
+    let upstream = Upstream::new(config.upstreams[0].clone(), Default::default(), false)
+        .expect("test upstream");
+    FillSource {
+        upstream: Arc::new(upstream),
+        repo: "test/repo".parse().expect("test repository"),
+    }
+}

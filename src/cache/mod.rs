@@ -18,6 +18,7 @@ mod mapped;
 pub mod pins;
 pub mod read;
 pub mod tags;
+mod tail;
 mod temp;
 pub mod usage;
 
@@ -49,6 +50,34 @@ pub enum BlobState {
     Fill { fill: Arc<Fill>, joined: bool },
     /// Not here and no fill was asked for.
     Miss,
+}
+
+/// A running fill's entry in the store's in-progress map; dropping it removes the entry.
+pub(crate) struct InProgress {
+    pub store: Arc<Store>,
+    pub fill: Arc<Fill>,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let mut fills = self.store.fills.lock().unwrap();
+        // Only this fill's own entry: a later fill of the same digest may have replaced it.
+        if fills
+            .get(&self.fill.digest)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
+            fills.remove(&self.fill.digest);
+        }
+        crate::metrics::fills(fills.len());
+    }
+}
+
+impl BlobState {
+    /// A request that found `fill` running, counted as one of its followers.
+    fn joined(fill: Arc<Fill>) -> BlobState {
+        fill.add_request();
+        BlobState::Fill { fill, joined: true }
+    }
 }
 
 pub struct Store {
@@ -133,14 +162,30 @@ impl Store {
             .join(digest.hex())
     }
 
-    fn fill_in_progress(&self, digest: &Digest) -> Option<Arc<Fill>> {
+    /// The fill of `digest` running now, if any.
+    pub fn fill_in_progress(&self, digest: &Digest) -> Option<Arc<Fill>> {
         self.fills.lock().unwrap().get(digest).cloned()
     }
 
-    pub(crate) fn forget_fill(&self, digest: &Digest) {
-        let mut fills = self.fills.lock().unwrap();
-        fills.remove(digest);
+    /// Puts `fill` in the in-progress map and runs `task` for it on the tracker. The task holds
+    /// the map entry: the fill leaves the map when the entry is dropped, however the task ends
+    /// (a panic included), so a digest is never stuck "in progress".
+    fn spawn_fill<F, Fut>(
+        self: &Arc<Self>,
+        fills: &mut HashMap<Digest, Arc<Fill>>,
+        fill: Arc<Fill>,
+        task: F,
+    ) where
+        F: FnOnce(InProgress) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        fills.insert(fill.digest.clone(), fill.clone());
         crate::metrics::fills(fills.len());
+        let entry = InProgress {
+            store: self.clone(),
+            fill,
+        };
+        self.tracker.spawn(task(entry));
     }
 
     /// Looks a blob up. With a `source`, a miss starts a fill (or joins one that another request
@@ -157,7 +202,7 @@ impl Store {
         let path = self.blob_path(digest);
         loop {
             if let Some(fill) = self.fill_in_progress(digest) {
-                return Ok(BlobState::Fill { fill, joined: true });
+                return Ok(BlobState::joined(fill));
             }
             let p = path.clone();
             match tokio::task::spawn_blocking(move || mapped::map_file(&p))
@@ -173,16 +218,13 @@ impl Store {
             }
             let Some(source) = source.clone() else {
                 return Ok(match self.fill_in_progress(digest) {
-                    Some(fill) => BlobState::Fill { fill, joined: true },
+                    Some(fill) => BlobState::joined(fill),
                     None => BlobState::Miss,
                 });
             };
             let mut fills = self.fills.lock().unwrap();
             if let Some(fill) = fills.get(digest) {
-                return Ok(BlobState::Fill {
-                    fill: fill.clone(),
-                    joined: true,
-                });
+                return Ok(BlobState::joined(fill.clone()));
             }
             // A fill stays in the map until after its rename, so a blob that is neither in the
             // map nor on disk here is truly missing. Checked under the lock (a cheap stat, only
@@ -191,15 +233,11 @@ impl Store {
                 continue;
             }
             let (fill, tx) = fill::new_fill(digest.clone(), source);
-            fills.insert(digest.clone(), fill.clone());
-            crate::metrics::fills(fills.len());
-            drop(fills);
-            self.tracker.spawn(fill::run(
-                self.clone(),
-                fill.clone(),
-                tx,
-                self.cancel.child_token(),
-            ));
+            fill.add_request();
+            let cancel = self.cancel.child_token();
+            self.spawn_fill(&mut fills, fill.clone(), |entry| {
+                fill::run(entry, tx, cancel)
+            });
             return Ok(BlobState::Fill {
                 fill,
                 joined: false,
@@ -279,5 +317,61 @@ impl Store {
     /// Number of fills running now.
     pub fn fills_in_progress(&self) -> usize {
         self.fills.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    /// A fill task that panicked used to leave its digest in the in-progress map for ever:
+    /// every later request joined the dead fill and failed until a restart.
+    #[tokio::test]
+    async fn regression_a_fill_task_that_panics_leaves_the_in_progress_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let tracker = TaskTracker::new();
+        let store = Arc::new(
+            Store::open(
+                dir.path(),
+                None,
+                Clock::default(),
+                tracker.clone(),
+                CancellationToken::new(),
+            )
+            .unwrap(),
+        );
+        let digest = Digest::sha256_of(b"never arrives");
+        let (fill, tx) = fill::new_fill(digest.clone(), fill::test_source());
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        store.spawn_fill(
+            &mut store.fills.lock().unwrap(),
+            fill.clone(),
+            |entry| async move {
+                let _entry = entry;
+                let _tx = tx;
+                let _ = wait.await;
+                panic!("a bug in the fill");
+            },
+        );
+        assert_eq!(store.fills_in_progress(), 1);
+        let follower = read::follow(fill, 0, None);
+        go.send(()).unwrap();
+        tracker.close();
+        tracker.wait().await;
+
+        assert_eq!(
+            store.fills_in_progress(),
+            0,
+            "the panicked fill is still in progress"
+        );
+        assert!(store.fill_in_progress(&digest).is_none());
+        // Its follower got an error, not a clean (empty) end.
+        let items: Vec<_> = follower.collect().await;
+        assert!(
+            matches!(items.last(), Some(Err(_))),
+            "the follower of a panicked fill ended cleanly"
+        );
     }
 }

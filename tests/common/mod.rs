@@ -66,6 +66,38 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
+/// `GET url` of the blob `digest`: a 200 whose body is as long as its `Content-Length` and
+/// hashes to `digest`. Some HTTP clients hand back a short body without an error when the
+/// server closes early, so a status alone proves nothing about a transfer.
+pub async fn get_blob(
+    client: &reqwest::Client,
+    url: &str,
+    digest: &str,
+) -> anyhow::Result<bytes::Bytes> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    anyhow::ensure!(resp.status() == 200, "GET {url}: status {}", resp.status());
+    let announced = resp.content_length();
+    let body = resp
+        .bytes()
+        .await
+        .with_context(|| format!("GET {url}: the body"))?;
+    anyhow::ensure!(
+        announced.is_none_or(|n| n == body.len() as u64),
+        "GET {url}: {} bytes of an announced {announced:?}",
+        body.len()
+    );
+    anyhow::ensure!(
+        sha256_digest(&body) == digest,
+        "GET {url}: the {} bytes received are not {digest}",
+        body.len()
+    );
+    Ok(body)
+}
+
 /// Standard padded base64, as in `Authorization: Basic`.
 pub fn base64_encode(input: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(input)

@@ -202,8 +202,13 @@ impl Report {
         }
     }
 
-    /// Panics listing every failed check.
+    /// Panics listing every failed check, and when no check ran at all: an empty report
+    /// proves nothing.
     pub fn finish(self) {
+        assert!(
+            self.passed + self.failed.len() > 0,
+            "no conformance check ran: an empty report proves nothing"
+        );
         eprintln!(
             "{} checks passed, {} failed",
             self.passed,

@@ -100,18 +100,9 @@ impl Proxy {
             digests.push(l["digest"].as_str().unwrap().to_string());
         }
         for d in digests {
-            let r = c
-                .get(self.url(&format!("/v2/{repo}/blobs/{d}")))
-                .send()
+            super::get_blob(&c, &self.url(&format!("/v2/{repo}/blobs/{d}")), &d)
                 .await
-                .map_err(|e| e.to_string())?;
-            if r.status() != 200 {
-                return Err(format!("{repo}:{tag} blob {d}: {}", r.status()));
-            }
-            let body = r.bytes().await.map_err(|e| e.to_string())?;
-            if super::sha256_digest(&body) != d {
-                return Err(format!("{repo}:{tag} blob {d}: wrong bytes"));
-            }
+                .map_err(|e| format!("{repo}:{tag}: {e:#}"))?;
         }
         Ok(())
     }
