@@ -49,12 +49,6 @@ impl Target {
     }
 }
 
-fn last_use(inv: &Inventory, usage: &Usage, d: &Digest) -> u64 {
-    usage
-        .last_use(d)
-        .unwrap_or_else(|| inv.blobs.get(d).map_or(0, |(_, m)| *m))
-}
-
 pub fn human_size(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -70,8 +64,8 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
-fn when(secs: u64) -> String {
-    let ago = crate::cache::usage::unix_now().saturating_sub(secs);
+fn when(stamp_ms: u64) -> String {
+    let ago = crate::cache::usage::unix_now_ms().saturating_sub(stamp_ms) / 1000;
     match ago {
         0..=59 => format!("{ago}s ago"),
         60..=3599 => format!("{}m ago", ago / 60),
@@ -97,7 +91,7 @@ pub fn ls(t: &Target, out: &mut impl io::Write) -> Result<(), MaintenanceError> 
                 .filter_map(|x| inv.blobs.get(x))
                 .map(|(s, _)| s)
                 .sum();
-            let used = closure.iter().map(|x| last_use(&inv, &usage, x)).max();
+            let used = closure.iter().map(|x| usage.last_use_in(&inv, x)).max();
             let complete = if inv.manifests.contains_key(d) {
                 ""
             } else {
@@ -310,7 +304,7 @@ pub fn gc(t: &Target, to: Option<u64>, out: &mut impl io::Write) -> Result<(), M
     let plan = evict::plan(
         &inv,
         total - target,
-        |d| last_use(&inv, &usage, d),
+        |d| usage.last_use_in(&inv, d),
         &protected,
     );
     evict::apply(&t.root, &plan)?;

@@ -21,7 +21,8 @@ pub struct TagRef {
 
 #[derive(Debug, Default)]
 pub struct Inventory {
-    /// Every blob (layers, configs, manifests): size and modification (commit) time.
+    /// Every blob (layers, configs, manifests): size and modification (commit) time in Unix
+    /// milliseconds.
     pub blobs: HashMap<Digest, (u64, u64)>,
     /// Stored manifests (media type recorded and bytes present) → the digests they reference.
     pub manifests: HashMap<Digest, Vec<Digest>>,
@@ -118,7 +119,7 @@ pub fn scan(root: &Path) -> io::Result<Inventory> {
                 .modified()
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
+                .map_or(0, |d| d.as_millis() as u64);
             inv.blobs.insert(digest, (meta.len(), mtime));
         }
         for (name, entry) in read_dir_names(&root.join("meta/manifests").join(alg))? {

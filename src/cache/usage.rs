@@ -1,6 +1,10 @@
 //! What the store holds and how it is used: total size, last use per blob (kept in memory,
-//! updated at most once a minute per blob, persisted by the sweeper, so reads never write to
-//! disk), and which blobs clients are reading right now (those are never evicted).
+//! persisted by the sweeper, so reads never write to disk), and which blobs clients are reading
+//! right now (those are never evicted).
+//!
+//! A last use is a *use stamp*: Unix milliseconds, made strictly increasing within the process,
+//! so two uses in the same millisecond still have an order and least-recently-used means that
+//! at any pull rate.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -11,14 +15,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::oci::Digest;
 
-/// A blob's last use is recorded again only when the previous record is older than this.
-const TOUCH_RESOLUTION_SECS: u64 = 60;
+/// Saved stamps below this are Unix seconds (files written before stamps were milliseconds).
+const SECONDS_BEFORE: u64 = 100_000_000_000;
 
-pub fn unix_now() -> u64 {
+pub fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-        .as_secs()
+        .as_millis() as u64
 }
 
 #[derive(Default)]
@@ -26,6 +30,8 @@ pub struct Usage {
     bytes: AtomicU64,
     entries: AtomicU64,
     access: Mutex<HashMap<Digest, u64>>,
+    /// The newest use stamp handed out.
+    last_stamp: AtomicU64,
     dirty: AtomicBool,
     readers: Mutex<HashMap<Digest, usize>>,
 }
@@ -49,22 +55,40 @@ impl Drop for InUse {
 }
 
 impl Usage {
-    /// Records a use of `digest` now (cheaply: no disk write).
+    /// Records a use of `digest` now (in memory only).
     pub fn touch(&self, digest: &Digest) {
-        let now = unix_now();
+        let stamp = self.next_stamp();
         let mut a = self.access.lock().unwrap();
         match a.get_mut(digest) {
-            Some(t) if now.saturating_sub(*t) < TOUCH_RESOLUTION_SECS => return,
-            Some(t) => *t = now,
+            Some(t) => *t = (*t).max(stamp),
             None => {
-                a.insert(digest.clone(), now);
+                a.insert(digest.clone(), stamp);
             }
         }
         self.dirty.store(true, Ordering::Relaxed);
     }
 
+    /// Now in Unix milliseconds, but later than every stamp handed out before.
+    fn next_stamp(&self) -> u64 {
+        let now = unix_now_ms();
+        let prev = self
+            .last_stamp
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .expect("the update always succeeds");
+        now.max(prev + 1)
+    }
+
+    /// The use stamp of `digest`'s last recorded use.
     pub fn last_use(&self, digest: &Digest) -> Option<u64> {
         self.access.lock().unwrap().get(digest).copied()
+    }
+
+    /// The last use of a stored blob: its recorded use, else its commit time.
+    pub fn last_use_in(&self, inv: &super::inventory::Inventory, digest: &Digest) -> u64 {
+        self.last_use(digest)
+            .unwrap_or_else(|| inv.blobs.get(digest).map_or(0, |(_, committed)| *committed))
     }
 
     pub fn reading(self: &Arc<Self>, digest: &Digest) -> InUse {
@@ -114,7 +138,7 @@ impl Usage {
         crate::metrics::cache_size(bytes, entries);
     }
 
-    /// Writes the access times (`<digest> <unix secs>` per line) if they changed.
+    /// Writes the use stamps (`<digest> <unix ms>` per line) if they changed.
     pub fn save(&self, path: &Path) -> io::Result<()> {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
@@ -128,7 +152,8 @@ impl Usage {
         std::fs::rename(&tmp, path)
     }
 
-    /// Loads saved access times; entries already recorded in memory are newer and kept.
+    /// Loads saved use stamps (older files hold seconds); entries already recorded in memory
+    /// are newer and kept, and stamps handed out from now on are later than every one loaded.
     pub fn load(&self, path: &Path) -> io::Result<()> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -142,7 +167,9 @@ impl Usage {
                 it.next().map(str::parse::<Digest>),
                 it.next().map(str::parse::<u64>),
             ) {
-                a.entry(d).or_insert(t);
+                let ms = if t < SECONDS_BEFORE { t * 1000 } else { t };
+                self.last_stamp.fetch_max(ms, Ordering::Relaxed);
+                a.entry(d).or_insert(ms);
             }
         }
         Ok(())
@@ -167,11 +194,51 @@ mod tests {
 
         u.touch(&d);
         let t = u.last_use(&d).unwrap();
+        assert!(
+            t.abs_diff(unix_now_ms()) < 60_000,
+            "a stamp is Unix milliseconds"
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("access");
         u.save(&p).unwrap();
         let v = Usage::default();
         v.load(&p).unwrap();
         assert_eq!(v.last_use(&d), Some(t));
+    }
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+
+    /// Uses in quick succession (the same millisecond, let alone the same second) keep their
+    /// order, and a use again moves a blob to the front.
+    #[test]
+    fn uses_in_the_same_millisecond_keep_their_order() {
+        let u = Usage::default();
+        let ds: Vec<Digest> = (0..100).map(|i| Digest::sha256_of(&[i])).collect();
+        for d in &ds {
+            u.touch(d);
+        }
+        let stamps: Vec<u64> = ds.iter().map(|d| u.last_use(d).unwrap()).collect();
+        assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
+        u.touch(&ds[0]);
+        assert!(u.last_use(&ds[0]).unwrap() > stamps[99]);
+    }
+
+    #[test]
+    fn saved_seconds_are_read_as_milliseconds_and_new_stamps_come_after_loaded_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("access");
+        let old = Digest::sha256_of(b"old");
+        let future = Digest::sha256_of(b"future");
+        let far = unix_now_ms() + 3_600_000;
+        std::fs::write(&p, format!("{old} 1700000000\n{future} {far}\n")).unwrap();
+        let u = Usage::default();
+        u.load(&p).unwrap();
+        assert_eq!(u.last_use(&old), Some(1_700_000_000_000));
+        let now = Digest::sha256_of(b"now");
+        u.touch(&now);
+        assert!(u.last_use(&now).unwrap() > far);
     }
 }
