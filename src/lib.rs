@@ -11,10 +11,10 @@
 //! oci/         protocol only, no I/O: names, references, digests, routes, media types, ranges
 //! http/        router, blob and manifest handlers, forwarded endpoints, access log, /metrics
 //! metrics.rs   Prometheus metric names and recording
-//! maintenance.rs  `entrepot cache ls|rm|verify|gc` on the store folder
 //! cache/       the store: blob lookup, fills and followers, temp files, manifests, tag index,
 //!              usage (access times, readers), inventory and eviction
 //! upstream/    upstream selection, registry client, bearer/basic auth, token cache
+//! tools/       beside the server: prefetch, export/import bundles, `cache ls|rm|verify|gc`
 //! ```
 //!
 //! A blob request goes router → `http::blobs` → `Store::blob`: a hit is served from its file;
@@ -26,16 +26,14 @@
 #![deny(unsafe_code)]
 
 pub mod app;
-pub mod bundle;
 pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod http;
-pub mod maintenance;
 pub mod metrics;
 pub mod oci;
-pub mod prefetch;
+pub mod tools;
 pub mod upstream;
 
 pub use app::Server;

@@ -48,17 +48,17 @@ enum Command {
     /// Inspect and maintain the store folder (works with or without a running server).
     Cache {
         #[command(flatten)]
-        store: entrepot::maintenance::StoreArgs,
+        store: entrepot::tools::maintenance::StoreArgs,
         #[command(subcommand)]
         action: CacheAction,
     },
     /// Fill the store ahead of need: images (all platforms by default) are fetched through the
     /// same verified fill path as a pull, and pinned.
-    Prefetch(entrepot::prefetch::PrefetchArgs),
+    Prefetch(entrepot::tools::prefetch::PrefetchArgs),
     /// Write images from the store as an OCI image layout tar (for an air-gapped site).
-    Export(entrepot::bundle::ExportArgs),
+    Export(entrepot::tools::bundle::ExportArgs),
     /// Verify and load a bundle written by `entrepot export` into the store.
-    Import(entrepot::bundle::ImportArgs),
+    Import(entrepot::tools::bundle::ImportArgs),
     /// Check a configuration file and print the upstreams it defines.
     CheckConfig {
         /// TOML configuration file.
@@ -93,10 +93,10 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn cache_command(
-    store: entrepot::maintenance::StoreArgs,
+    store: entrepot::tools::maintenance::StoreArgs,
     action: CacheAction,
 ) -> anyhow::Result<std::process::ExitCode> {
-    use entrepot::maintenance;
+    use entrepot::tools::maintenance;
     let target = store.target()?;
     let mut out = std::io::stdout().lock();
     match action {
@@ -154,9 +154,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 .block_on(serve(cfg))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Prefetch(args) => entrepot::prefetch::run(args),
-        Command::Export(args) => entrepot::bundle::export(args),
-        Command::Import(args) => entrepot::bundle::import(args),
+        Command::Prefetch(args) => entrepot::tools::prefetch::run(args),
+        Command::Export(args) => entrepot::tools::bundle::export(args),
+        Command::Import(args) => entrepot::tools::bundle::import(args),
         Command::Cache { store, action } => cache_command(store, action),
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;

@@ -1,0 +1,396 @@
+//! `entrepot export`: resolve the selected images in the store, check them complete, and write
+//! their closures (or what the journal recorded since a marker) as a bundle, through a temp file
+//! that only a finished export renames into place.
+
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::closure::{annotations, walk, Closure, Descriptor, Index, StoreSource, WalkError};
+use super::{
+    blob_path, io_ctx, manifest_cap, unix_now, upstream_name, BundleInfo, ExportArgs, ExportError,
+    BUNDLE_FILE, COPY_BUF, FORMAT, FORMAT_VERSION, INDEX_FILE, LAYOUT_FILE,
+};
+use crate::cache::journal::{self, Entry};
+use crate::cache::{manifests, pins, tags};
+use crate::config::{parse_image_ref, PinConfig};
+use crate::oci::{media, Digest, Hasher, Reference};
+use crate::tools::maintenance::{human_size, Target};
+
+/// An image chosen for export, resolved in the store.
+struct Image {
+    name: PinConfig,
+    digest: Digest,
+    media_type: String,
+    size: u64,
+    closure: Closure,
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let target = args.store.target()?;
+    let mut stdout = io::stdout().lock();
+    run_export(&target, &args, &mut stdout)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the bundle `args` asks for and prints a summary whose last line is `marker: SEQ`.
+pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result<(), ExportError> {
+    let root = &t.root;
+    if !root.join("blobs").is_dir() {
+        return Err(ExportError::Usage(format!(
+            "{} is not an entrepot store (no blobs/ folder)",
+            root.display()
+        )));
+    }
+    // Read before anything else: whatever commits after this is sent again by the next delta.
+    let marker =
+        journal::last_seq(&journal::path(root)).map_err(io_ctx("cannot read the journal"))?;
+    if let Some(since) = args.since.filter(|s| *s > marker) {
+        return Err(ExportError::Usage(format!(
+            "--since {since} is past this store's journal (its last entry is {marker}): was that marker printed by an export of this store?"
+        )));
+    }
+    let cap = manifest_cap(t);
+    let src = StoreSource { root };
+    let mut problems = Vec::new();
+    let mut images = Vec::new();
+    for name in selection(t, &args.images)? {
+        let full = pins::format(&name);
+        let (digest, media_type) = match resolve(root, &name) {
+            Ok(r) => r,
+            Err(p) => {
+                problems.push(format!("{full}: {p}"));
+                continue;
+            }
+        };
+        match walk(&src, &digest, &media_type, None, cap) {
+            Ok(closure) => images.push(Image {
+                size: closure.blobs[&digest],
+                name,
+                digest,
+                media_type,
+                closure,
+            }),
+            Err(WalkError::Io(e)) => {
+                return Err(io_ctx(format!("cannot read {full} from the store"))(e))
+            }
+            Err(WalkError::Missing { digest, parent }) => problems.push(format!(
+                "{full}: incomplete in the store: {digest}{} is missing (pull it, or `entrepot prefetch {full}`)",
+                parent.map(|p| format!(" (needed by {p})")).unwrap_or_default()
+            )),
+            Err(WalkError::Size { digest, actual, expected, .. }) => problems.push(format!(
+                "{full}: stored {digest} is {actual} bytes, its manifest says {expected}"
+            )),
+            Err(WalkError::BadManifest { digest, why }) => {
+                problems.push(format!("{full}: stored manifest {digest}: {why}"))
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ExportError::NotInStore(problems));
+    }
+
+    let mut blobs = Closure::default();
+    if let Some(since) = args.since {
+        let (fresh, moved) = journal_since(root, since)?;
+        images.retain(|i| {
+            let tag_moved = match &i.name.reference {
+                Reference::Tag(tag) => moved.contains(&(
+                    i.name.upstream.clone(),
+                    i.name.repo.to_string(),
+                    tag.to_string(),
+                )),
+                Reference::Digest(_) => false,
+            };
+            tag_moved || i.closure.blobs.keys().any(|d| fresh.contains(d))
+        });
+        for i in &images {
+            for (d, s) in &i.closure.blobs {
+                if fresh.contains(d) {
+                    blobs.blobs.insert(d.clone(), *s);
+                }
+            }
+        }
+    } else {
+        for i in &images {
+            blobs.extend(&i.closure);
+        }
+    }
+
+    let bytes: u64 = blobs.blobs.values().sum();
+    let info = BundleInfo {
+        format: FORMAT.to_string(),
+        version: FORMAT_VERSION,
+        since: args.since.unwrap_or(0),
+        marker,
+        created: unix_now(),
+        upstreams: images
+            .iter()
+            .map(|i| i.name.upstream.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        images: images.len(),
+        blobs: blobs.blobs.len(),
+        bytes,
+    };
+    let index = Index {
+        schema_version: 2,
+        media_type: Some(media::OCI_INDEX.to_string()),
+        manifests: images
+            .iter()
+            .map(|i| Descriptor {
+                media_type: i.media_type.clone(),
+                digest: i.digest.to_string(),
+                size: i.size,
+                annotations: Some(annotations(&i.name)),
+            })
+            .collect(),
+    };
+    write_bundle(root, &args.out, &info, &index, &blobs)?;
+
+    let what = match args.since {
+        Some(s) => format!("changes since {s}"),
+        None => "full bundle".to_string(),
+    };
+    let write = |out: &mut dyn Write| -> io::Result<()> {
+        writeln!(
+            out,
+            "exported {} image(s) to {} ({what}): {} blob(s), {}",
+            images.len(),
+            args.out.display(),
+            blobs.blobs.len(),
+            human_size(bytes)
+        )?;
+        for i in &images {
+            writeln!(out, "  {}  {}", pins::format(&i.name), i.digest)?;
+        }
+        writeln!(out, "marker: {marker}")
+    };
+    write(out).map_err(io_ctx("cannot write to stdout"))
+}
+
+/// The images to export, named as the store names them: the arguments, else every pin.
+fn selection(t: &Target, images: &[String]) -> Result<Vec<PinConfig>, ExportError> {
+    let names: Vec<PinConfig> = if images.is_empty() {
+        let mut p = t
+            .config
+            .as_ref()
+            .map(|c| c.pins.clone())
+            .unwrap_or_default();
+        p.extend(pins::load(&t.root).map_err(io_ctx("cannot read the store's pins"))?);
+        if p.is_empty() {
+            return Err(ExportError::Usage(
+                "nothing to export: no IMAGE given and no image is pinned (pin with [[pin]] in the configuration or `entrepot prefetch`)".to_string(),
+            ));
+        }
+        p
+    } else {
+        images
+            .iter()
+            .map(|s| parse_image_ref(s))
+            .collect::<Result<_, _>>()
+            .map_err(ExportError::Usage)?
+    };
+    let mut out: Vec<PinConfig> = Vec::new();
+    for mut n in names {
+        n.upstream = upstream_name(t, &n.upstream);
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    Ok(out)
+}
+
+/// The stored manifest an image name points at, and its media type.
+fn resolve(root: &Path, name: &PinConfig) -> Result<(Digest, String), String> {
+    let (digest, media_type) = match &name.reference {
+        Reference::Tag(tag) => {
+            let path = tags::record_path(root, &name.upstream, &name.repo, tag);
+            let text = std::fs::read(&path).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => {
+                    "not in the store (no tag record; pull it or `entrepot prefetch` it)"
+                        .to_string()
+                }
+                _ => format!("cannot read {}: {e}", path.display()),
+            })?;
+            let rec: tags::TagRecord = serde_json::from_slice(&text)
+                .map_err(|e| format!("unreadable tag record {}: {e}", path.display()))?;
+            let digest: Digest = rec
+                .digest
+                .parse()
+                .map_err(|e| format!("tag record {}: {e}", path.display()))?;
+            (digest, Some(rec.media_type).filter(|m| !m.is_empty()))
+        }
+        Reference::Digest(d) => (d.clone(), None),
+    };
+    let stored_type = std::fs::read_to_string(manifests::meta_path(root, &digest))
+        .map_err(|_| format!("manifest {digest} is not in the store"))?;
+    Ok((
+        digest,
+        media_type.unwrap_or_else(|| stored_type.trim().to_string()),
+    ))
+}
+
+/// What the journal recorded after `since`: the digests committed (blobs and manifests) and
+/// the tags that moved, as (upstream, repository, tag).
+type Moved = HashSet<(String, String, String)>;
+
+fn journal_since(root: &Path, since: u64) -> Result<(HashSet<Digest>, Moved), ExportError> {
+    let mut fresh = HashSet::new();
+    let mut moved = HashSet::new();
+    for line in journal::read_since(root, since).map_err(io_ctx("cannot read the journal"))? {
+        match line.entry {
+            Entry::Blob { digest } | Entry::Manifest { digest, .. } => {
+                if let Ok(d) = digest.parse() {
+                    fresh.insert(d);
+                }
+            }
+            Entry::Tag {
+                upstream,
+                repo,
+                tag,
+                ..
+            } => {
+                moved.insert((upstream, repo, tag));
+            }
+        }
+    }
+    Ok((fresh, moved))
+}
+
+/// The bundle being written: `<out>.tmp` until `commit` renames it to `<out>`. Dropped
+/// uncommitted (a failed export), it is removed, so no half bundle is ever left behind.
+struct PartialFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: File,
+    committed: bool,
+}
+
+impl PartialFile {
+    fn create(dest: &Path) -> io::Result<PartialFile> {
+        let mut tmp = OsString::from(dest.as_os_str());
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let file = File::create(&tmp)?;
+        Ok(PartialFile {
+            tmp,
+            dest: dest.to_path_buf(),
+            file,
+            committed: false,
+        })
+    }
+
+    fn commit(mut self) -> io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.dest)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Hashes and counts what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Hasher,
+    read: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+fn file_header(size: u64, mtime: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(mtime);
+    h
+}
+
+fn write_bundle(
+    root: &Path,
+    out: &Path,
+    info: &BundleInfo,
+    index: &Index,
+    blobs: &Closure,
+) -> Result<(), ExportError> {
+    let out_ctx = || format!("cannot write {}", out.display());
+    let partial =
+        PartialFile::create(out).map_err(io_ctx(format!("cannot create {}.tmp", out.display())))?;
+    let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, &partial.file));
+    let now = info.created;
+    let small: [(&str, Vec<u8>); 3] = [
+        (LAYOUT_FILE, br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+        (
+            BUNDLE_FILE,
+            serde_json::to_vec_pretty(info).expect("bundle info serializes"),
+        ),
+        (
+            INDEX_FILE,
+            serde_json::to_vec(index).expect("index serializes"),
+        ),
+    ];
+    for (name, data) in small {
+        let mut h = file_header(data.len() as u64, now);
+        tar.append_data(&mut h, name, data.as_slice())
+            .map_err(io_ctx(out_ctx()))?;
+    }
+    for digest in blobs.blobs.keys() {
+        let path = blob_path(root, digest);
+        let file = File::open(&path).map_err(io_ctx(format!(
+            "cannot read {digest} from the store (evicted while exporting?)"
+        )))?;
+        let len = file
+            .metadata()
+            .map_err(io_ctx(format!("cannot read {}", path.display())))?
+            .len();
+        // tar copies through `&mut dyn Read` in 8 KiB reads: buffer the file below the hasher
+        // so the disk sees large reads.
+        let mut reader = HashingReader {
+            inner: BufReader::with_capacity(COPY_BUF, file.take(len)),
+            hasher: Hasher::new(digest.algorithm()),
+            read: 0,
+        };
+        let mut h = file_header(len, now);
+        let name = format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex());
+        tar.append_data(&mut h, &name, &mut reader)
+            .map_err(io_ctx(out_ctx()))?;
+        if reader.read != len {
+            return Err(ExportError::Io {
+                context: format!("{digest} shrank while it was exported"),
+                source: io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        let actual = reader.hasher.finish();
+        if actual != *digest {
+            return Err(ExportError::Corrupt {
+                digest: digest.clone(),
+                actual,
+            });
+        }
+    }
+    let buffered = tar.into_inner().map_err(io_ctx(out_ctx()))?;
+    buffered
+        .into_inner()
+        .map_err(|e| io_ctx(out_ctx())(e.into_error()))?;
+    partial.commit().map_err(io_ctx(out_ctx()))
+}
