@@ -24,6 +24,8 @@ use crate::upstream::Upstreams;
 
 /// How often histogram buckets of the metrics recorder are rolled over.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// How often the server checks whether `entrepot cache` changed the store behind its back.
+const STORE_GENERATION_CHECK: Duration = Duration::from_millis(500);
 
 /// After the grace period, how long cancelled fills get to clean up their temp files.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
@@ -203,6 +205,12 @@ impl Server {
             names,
             self.stopping.clone(),
         ));
+        self.tracker.spawn(
+            self.state
+                .store
+                .clone()
+                .watch_generation(STORE_GENERATION_CHECK, self.stopping.clone()),
+        );
         let handle = self.state.metrics.clone();
         let stopping = self.stopping.clone();
         self.tracker.spawn(async move {

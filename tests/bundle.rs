@@ -14,8 +14,10 @@ use bytes::Bytes;
 use common::fake_registry::{FakeRegistry, PushedImage};
 use common::proxy::Proxy;
 use common::{random_bytes, sha256_digest, upstream, OCI_INDEX, OCI_MANIFEST};
-use entrepot::cache::{inventory, journal, pins};
+use entrepot::cache::inventory::Inventory;
+use entrepot::cache::{journal, layout, pins};
 use entrepot::config::parse_image_ref;
+use entrepot::tools::blocking::BlockingStore;
 use entrepot::{Config, Server};
 use tokio::sync::oneshot;
 
@@ -110,46 +112,76 @@ struct Content {
     pins: BTreeSet<String>,
 }
 
+/// Runs `f` on the store at `root`, on a thread of its own (the store's blocking view runs a
+/// runtime, which an async test's thread cannot).
+fn with_store<T: Send>(root: &Path, f: impl FnOnce(&BlockingStore) -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| f(&BlockingStore::open_beside(root).unwrap()))
+            .join()
+            .unwrap()
+    })
+}
+
 fn content(root: &Path) -> Content {
-    let inv = inventory::scan(root).unwrap();
-    let manifests = inv
-        .manifests
-        .keys()
-        .map(|d| {
-            let mt = std::fs::read_to_string(entrepot::cache::manifests::meta_path(root, d));
-            (d.to_string(), mt.unwrap().trim().to_string())
-        })
-        .collect();
-    let tags = inv
-        .tags
-        .iter()
-        .map(|t| {
-            let rec: entrepot::cache::tags::TagRecord =
-                serde_json::from_slice(&std::fs::read(&t.path).unwrap()).unwrap();
-            assert_eq!(rec.digest, t.digest.to_string());
-            (
-                t.upstream.clone(),
-                t.repo.clone(),
-                t.tag.clone(),
-                rec.digest,
-                rec.media_type,
-                rec.size,
-            )
-        })
-        .collect();
-    Content {
-        blobs: inv.blobs.keys().map(|d| d.to_string()).collect(),
-        manifests,
-        tags,
-        pins: pins::load(root).unwrap().iter().map(pins::format).collect(),
-    }
+    with_store(root, |bs| {
+        let store = bs.store();
+        let inv = bs.wait(Inventory::load(store)).unwrap();
+        let manifests = inv
+            .manifests
+            .keys()
+            .map(|d| {
+                let mt = bs
+                    .wait(store.meta().get(&layout::manifest_type(d)))
+                    .unwrap();
+                (
+                    d.to_string(),
+                    String::from_utf8(mt.unwrap().to_vec())
+                        .unwrap()
+                        .trim()
+                        .to_string(),
+                )
+            })
+            .collect();
+        let tags = inv
+            .tags
+            .iter()
+            .map(|t| {
+                let text = bs.wait(store.meta().get(&t.key)).unwrap().unwrap();
+                let rec: entrepot::cache::tags::TagRecord = serde_json::from_slice(&text).unwrap();
+                assert_eq!(rec.digest, t.digest.to_string());
+                (
+                    t.upstream.clone(),
+                    t.repo.clone(),
+                    t.tag.clone(),
+                    rec.digest,
+                    rec.media_type,
+                    rec.size,
+                )
+            })
+            .collect();
+        Content {
+            blobs: inv.blobs.keys().map(|d| d.to_string()).collect(),
+            manifests,
+            tags,
+            pins: bs
+                .wait(store.recorded_pins())
+                .unwrap()
+                .iter()
+                .map(pins::format)
+                .collect(),
+        }
+    })
 }
 
 /// The source store's content restricted to its pinned images: what a full bundle carries.
 fn pinned_content(root: &Path) -> Content {
     let all = content(root);
-    let inv = inventory::scan(root).unwrap();
-    let pinned = pins::load(root).unwrap();
+    let (inv, pinned) = with_store(root, |bs| {
+        (
+            bs.wait(Inventory::load(bs.store())).unwrap(),
+            bs.wait(bs.store().recorded_pins()).unwrap(),
+        )
+    });
     let mut closure = BTreeSet::new();
     let mut tags = BTreeSet::new();
     for pin in &pinned {
@@ -351,7 +383,7 @@ fn push_index(up: &FakeRegistry, repo: &str, tag: &str, seed: u64) -> (String, V
 
 fn pin(root: &Path, images: &[&str]) {
     let p: Vec<_> = images.iter().map(|i| parse_image_ref(i).unwrap()).collect();
-    pins::add(root, &p).unwrap();
+    with_store(root, |bs| bs.wait(bs.store().add_pins(&p)).unwrap());
 }
 
 /// entrepot with `[server] offline = true` on `root`; its upstream points at `up`, which it

@@ -217,3 +217,92 @@ async fn json_log_lines_carry_the_access_fields() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `cache rm` and `cache verify` beside a running server whose caches are warm: the server used
+/// to keep serving the removed tag and blobs from its in-memory tags and mappings (and held the
+/// deleted files' space). It now notices the store changed, drops what it holds, and fetches
+/// the content again from the upstream.
+#[tokio::test]
+async fn regression_cache_rm_and_verify_beside_a_warm_server_take_effect() {
+    let up = FakeRegistry::start().await;
+    let x = up.push_image("team/x", "v1", &[Bytes::from(random_bytes(300_000, 21))]);
+    let y = up.push_image("team/y", "v1", &[Bytes::from(random_bytes(300_000, 22))]);
+    let proxy = Proxy::start(&upstream("fake", &up.url(), true, "")).await;
+    let root = proxy.root.clone();
+    for _ in 0..2 {
+        proxy.pull_image("team/x", "v1").await.unwrap();
+        proxy.pull_image("team/y", "v1").await.unwrap();
+        proxy.wait_idle().await;
+    }
+    let layer = proxy.blob_path(&x.layers[0]);
+    assert!(mapped(&layer), "the second pull is served from a mapping");
+
+    let manifests_before = up.count("GET", "/team/x/manifests/");
+    let (ok, out, err) = cache(&root, &["rm", "fake/team/x:v1"]);
+    assert!(ok, "{out}{err}");
+    assert!(!layer.exists());
+    within_10s("the server to fetch the removed image again", || async {
+        proxy.pull_image("team/x", "v1").await.unwrap();
+        up.count("GET", "/team/x/manifests/") > manifests_before
+    })
+    .await;
+    proxy.wait_idle().await;
+    assert!(layer.exists(), "the layer was fetched and stored again");
+    assert!(
+        !deleted_mapping(&layer),
+        "a mapping of the removed file is still held"
+    );
+
+    // A stored layer corrupted in place (the server's mapping sees it too), then verify.
+    let victim = proxy.blob_path(&y.layers[0]);
+    {
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .unwrap();
+        f.write_at(b"\0\0\0\0", 1000).unwrap();
+    }
+    let (ok, out, _) = cache(&root, &["verify"]);
+    assert!(!ok && out.contains("1 corrupt"), "{out}");
+    let url = proxy.url(&format!("/v2/team/y/blobs/{}", y.layers[0]));
+    within_10s(
+        "the server to serve the quarantined layer right again",
+        || async {
+            common::get_blob(&common::client(), &url, &y.layers[0])
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    proxy.wait_idle().await;
+}
+
+/// Polls `ok` every 100 ms until it holds; fails the test after 10 s.
+async fn within_10s<F, Fut>(what: &str, mut ok: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ok().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited 10 s for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Is `path` mapped into this process (the in-process server)?
+fn mapped(path: &std::path::Path) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|l| l.ends_with(&*path.to_string_lossy()))
+}
+
+/// Is a removed file that was at `path` still mapped into this process?
+fn deleted_mapping(path: &std::path::Path) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let gone = format!("{} (deleted)", path.display());
+    maps.lines().any(|l| l.ends_with(&gone))
+}

@@ -9,13 +9,66 @@ use bytes::Bytes;
 use common::fake_registry::{FakeRegistry, PushedImage};
 use common::proxy::Proxy;
 use common::{random_bytes, upstream};
-use entrepot::cache::inventory;
-use futures_util::StreamExt;
+use entrepot::cache::inventory::Inventory;
 
 const MIB: usize = 1 << 20;
 
-fn store_size(proxy: &Proxy) -> u64 {
-    inventory::scan(&proxy.root).unwrap().total_bytes()
+/// A `GET` over a socket with a small receive buffer that reads the headers and a little of
+/// the body, then stops reading until `finish`.
+struct StalledReader {
+    stream: tokio::net::TcpStream,
+    /// Body bytes read so far.
+    body: Vec<u8>,
+    len: usize,
+}
+
+impl StalledReader {
+    async fn start(proxy: &Proxy, path: &str) -> StalledReader {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr: std::net::SocketAddr = proxy.url.trim_start_matches("http://").parse().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: entrepot\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let head_end = loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before the headers");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse().unwrap())
+            .expect("a Content-Length");
+        StalledReader {
+            stream,
+            body: buf[head_end..].to_vec(),
+            len,
+        }
+    }
+
+    /// Reads the rest of the body.
+    async fn finish(mut self) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let mut rest = vec![0u8; self.len - self.body.len()];
+        self.stream.read_exact(&mut rest).await.unwrap();
+        self.body.extend_from_slice(&rest);
+        self.body
+    }
+}
+
+async fn store_size(proxy: &Proxy) -> u64 {
+    Inventory::load(&proxy.store).await.unwrap().total_bytes()
 }
 
 #[tokio::test]
@@ -38,14 +91,10 @@ async fn the_store_stays_bounded_keeping_pinned_and_in_use_images_and_whole_tags
     proxy.pull_image("team/pinned", "v1").await.unwrap();
     proxy.pull_image("team/in-use", "v1").await.unwrap();
 
-    // A client starts reading the big layer and stalls: that blob is in use.
-    let reader = common::client()
-        .get(proxy.url(&format!("/v2/team/in-use/blobs/{}", big.layers[0])))
-        .send()
-        .await
-        .unwrap();
-    let mut reader = reader.bytes_stream();
-    let mut held = reader.next().await.unwrap().unwrap().to_vec();
+    // A client starts reading the big layer and stalls: that blob is in use. Its socket has a
+    // small receive buffer, so the server cannot hand the whole blob to the kernel and be done.
+    let reader =
+        StalledReader::start(&proxy, &format!("/v2/team/in-use/blobs/{}", big.layers[0])).await;
 
     // Fill past max_size with concurrent pulls.
     let pulls: Vec<_> = (0..small.len())
@@ -60,16 +109,16 @@ async fn the_store_stays_bounded_keeping_pinned_and_in_use_images_and_whole_tags
 
     // Eviction runs in the background, started by the commit that crossed max_size.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while store_size(&proxy) > 20 * MIB as u64 {
+    while store_size(&proxy).await > 20 * MIB as u64 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "store still over max_size: {}",
-            store_size(&proxy)
+            store_size(&proxy).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     proxy.wait_idle().await;
-    let inv = inventory::scan(&proxy.root).unwrap();
+    let inv = Inventory::load(&proxy.store).await.unwrap();
     assert!(inv.total_bytes() <= 20 * MIB as u64);
     // Pinned and in-use content survived.
     for d in pinned
@@ -104,9 +153,8 @@ async fn the_store_stays_bounded_keeping_pinned_and_in_use_images_and_whole_tags
         assert!(!inv.tags.iter().any(|t| t.digest.to_string() == i.manifest));
     }
     // The stalled reader finishes with the right bytes.
-    while let Some(chunk) = reader.next().await {
-        held.extend_from_slice(&chunk.unwrap());
-    }
+    let held = reader.finish().await;
+    assert_eq!(held.len(), 12 * MIB);
     assert_eq!(common::sha256_digest(&held), big.layers[0]);
 
     // With the upstream gone, every tag still in the store pulls completely.
@@ -209,18 +257,22 @@ async fn regression_eviction_keeps_the_images_pulled_last() {
                 .await
                 .unwrap();
         }
+        // Eviction runs in the background, one file at a time: wait until it is done.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while store_size(&proxy) > 30 * MIB as u64 {
+        let kept = loop {
+            let kept: Vec<usize> = (0..images.len())
+                .filter(|&i| proxy.blob_path(&images[i].manifest).exists())
+                .collect();
+            if kept.len() <= 3 && store_size(&proxy).await <= 30 * MIB as u64 {
+                break kept;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "store over max_size"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
         proxy.wait_idle().await;
-        let kept: Vec<usize> = (0..images.len())
-            .filter(|&i| proxy.blob_path(&images[i].manifest).exists())
-            .collect();
         assert_eq!(
             kept,
             [3, 4, 5],

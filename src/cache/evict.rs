@@ -12,13 +12,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::inventory::{self, Inventory, TagRef};
+use super::inventory::{Inventory, TagRef};
 use super::Store;
 use crate::config::{PinConfig, StorageConfig};
 use crate::oci::{Digest, Reference};
@@ -128,33 +127,6 @@ pub fn plan(
     p
 }
 
-/// Removes what the plan says from the folder: tags, then manifest records, then blobs.
-/// Blocking. Files already gone are fine (another process may have removed them).
-pub fn apply(root: &Path, p: &Plan) -> io::Result<()> {
-    let gone_ok = |r: io::Result<()>| match r {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    };
-    for t in &p.tags {
-        gone_ok(std::fs::remove_file(&t.path))?;
-    }
-    for d in &p.manifests {
-        gone_ok(std::fs::remove_file(
-            root.join("meta/manifests")
-                .join(d.algorithm().as_str())
-                .join(d.hex()),
-        ))?;
-    }
-    for d in &p.blobs {
-        gone_ok(std::fs::remove_file(
-            root.join("blobs")
-                .join(d.algorithm().as_str())
-                .join(d.hex()),
-        ))?;
-    }
-    Ok(())
-}
-
 /// The store's background upkeep: exact totals at start-up, eviction whenever the store is
 /// over `max_size` (checked every `sweep_interval`, and at once when a commit crosses it),
 /// orphan temp files and dangling metadata, and saving access times.
@@ -165,20 +137,15 @@ pub async fn sweeper(
     upstream_names: Arc<dyn Fn(&str) -> String + Send + Sync>,
     stopping: CancellationToken,
 ) {
-    let access_path = store.root().join("meta/access");
-    {
-        let usage = store.usage.clone();
-        let p = access_path.clone();
-        let _ = tokio::task::spawn_blocking(move || usage.load(&p)).await;
+    if let Err(e) = store.load_usage().await {
+        tracing::warn!(error = %e, "could not load saved use stamps");
     }
     loop {
         if let Err(e) = sweep_once(&store, &cfg, &pins, &upstream_names).await {
             tracing::error!(error = %e, "store sweep failed");
         }
-        let usage = store.usage.clone();
-        let p = access_path.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || usage.save(&p)).await {
-            tracing::warn!(error = %e, "could not save access times");
+        if let Err(e) = store.save_usage().await {
+            tracing::warn!(error = %e, "could not save use stamps");
         }
         tokio::select! {
             _ = tokio::time::sleep(cfg.sweep_interval) => {}
@@ -186,8 +153,9 @@ pub async fn sweeper(
             _ = stopping.cancelled() => break,
         }
     }
-    let usage = store.usage.clone();
-    let _ = tokio::task::spawn_blocking(move || usage.save(&access_path)).await;
+    if let Err(e) = store.save_usage().await {
+        tracing::warn!(error = %e, "could not save use stamps");
+    }
 }
 
 async fn sweep_once(
@@ -196,18 +164,12 @@ async fn sweep_once(
     pins: &[PinConfig],
     upstream_names: &Arc<dyn Fn(&str) -> String + Send + Sync>,
 ) -> io::Result<()> {
-    let root = store.root().to_path_buf();
-    let inv = {
-        let root = root.clone();
-        tokio::task::spawn_blocking(move || inventory::scan(&root))
-            .await
-            .map_err(io::Error::other)??
-    };
+    let inv = Inventory::load(store).await?;
     store
         .usage
         .set_totals(inv.total_bytes(), inv.blobs.len() as u64);
-    for p in &inv.dangling_manifest_meta {
-        let _ = std::fs::remove_file(p);
+    for key in &inv.dangling_manifest_meta {
+        store.meta().delete(key).await?;
     }
     sweep_temp(store, cfg.sweep_interval).await;
     let (Some(max), Some(low)) = (cfg.max_size, cfg.low_water) else {
@@ -218,7 +180,7 @@ async fn sweep_once(
         return Ok(());
     }
     let mut all_pins = pins.to_vec();
-    all_pins.extend(super::pins::load(&root).unwrap_or_default());
+    all_pins.extend(store.recorded_pins().await.unwrap_or_default());
     let mut protected = pinned(&inv, &all_pins, |u| upstream_names(u));
     protected.extend(store.usage.in_use());
     let usage = store.usage.clone();
@@ -278,6 +240,7 @@ async fn sweep_temp(store: &Store, age: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::inventory;
 
     fn d(s: &str) -> Digest {
         Digest::sha256_of(s.as_bytes())
@@ -307,7 +270,7 @@ mod tests {
             repo: "a".into(),
             tag: "1".into(),
             digest: d("m1"),
-            path: "/x/a/1".into(),
+            key: "meta/tags/u/a/_tags/1".into(),
         });
         inv
     }

@@ -333,7 +333,7 @@ async fn fill_blob(
         file,
         size: written,
     });
-    match temp.commit(store.blob_path(digest)).await {
+    match store.blobs().commit(digest, temp).await {
         Ok(()) => store.committed(digest, written),
         Err(e) => {
             // Every follower already has its verified bytes; only the cached copy is lost.

@@ -1,34 +1,33 @@
-//! What is on disk, read straight from the store folder: blobs with their sizes and times,
+//! What the store holds, listed through its backends: blobs with their sizes and commit times,
 //! stored manifests with the digests they reference, and tag records. Used by eviction, the
-//! periodic sweep and the `entrepot cache` commands (which work on the folder directly).
+//! periodic sweep and the `entrepot cache` commands; never on a request's path.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
 
+use super::{layout, Store};
 use crate::oci::Digest;
 
-/// One tag record on disk.
+/// One tag record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagRef {
     pub upstream: String,
     pub repo: String,
     pub tag: String,
     pub digest: Digest,
-    pub path: PathBuf,
+    /// Its key (`layout::tag`).
+    pub key: String,
 }
 
 #[derive(Debug, Default)]
 pub struct Inventory {
-    /// Every blob (layers, configs, manifests): size and modification (commit) time in Unix
-    /// milliseconds.
+    /// Every blob (layers, configs, manifests): size and commit time in Unix milliseconds.
     pub blobs: HashMap<Digest, (u64, u64)>,
     /// Stored manifests (media type recorded and bytes present) → the digests they reference.
     pub manifests: HashMap<Digest, Vec<Digest>>,
     pub tags: Vec<TagRef>,
-    /// Media-type records whose manifest bytes are gone.
-    pub dangling_manifest_meta: Vec<PathBuf>,
+    /// Media-type records (keys) whose manifest bytes are gone.
+    pub dangling_manifest_meta: Vec<String>,
 }
 
 impl Inventory {
@@ -95,99 +94,53 @@ pub fn references(body: &[u8]) -> Vec<Digest> {
     out
 }
 
-fn read_dir_names(dir: &Path) -> io::Result<Vec<(String, std::fs::DirEntry)>> {
-    match std::fs::read_dir(dir) {
-        Ok(rd) => Ok(rd
-            .filter_map(|e| e.ok())
-            .map(|e| (e.file_name().to_string_lossy().into_owned(), e))
-            .collect()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Reads the store at `root`. Blocking: run it on the blocking pool.
-pub fn scan(root: &Path) -> io::Result<Inventory> {
-    let mut inv = Inventory::default();
-    for alg in ["sha256", "sha512"] {
-        for (name, entry) in read_dir_names(&root.join("blobs").join(alg))? {
-            let Ok(digest) = format!("{alg}:{name}").parse::<Digest>() else {
-                continue;
-            };
-            let Ok(meta) = entry.metadata() else { continue };
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as u64);
-            inv.blobs.insert(digest, (meta.len(), mtime));
+impl Inventory {
+    /// Lists the store. Blobs first, then manifest records (a manifest's bytes are stored
+    /// before its record, so a record seen later is never mistaken for a dangling one), then
+    /// tags.
+    pub async fn load(store: &Store) -> io::Result<Inventory> {
+        let mut inv = Inventory::default();
+        for b in store.blobs().list().await? {
+            inv.blobs.insert(b.digest, (b.size, b.committed_ms));
         }
-        for (name, entry) in read_dir_names(&root.join("meta/manifests").join(alg))? {
-            let Ok(digest) = format!("{alg}:{name}").parse::<Digest>() else {
+        for key in store.meta().list(layout::MANIFESTS).await? {
+            let Some(digest) = layout::parse_digest_key(&key) else {
                 continue;
             };
-            let blob = root.join("blobs").join(alg).join(&name);
-            match std::fs::read(&blob) {
-                Ok(body) => {
+            match store.blobs().read(&digest).await? {
+                Some(body) => {
                     inv.manifests.insert(digest, references(&body));
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    inv.dangling_manifest_meta.push(entry.path());
-                }
-                Err(e) => return Err(e),
+                None => inv.dangling_manifest_meta.push(key),
             }
         }
-    }
-    let tags_root = root.join("meta/tags");
-    for (upstream, entry) in read_dir_names(&tags_root)? {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            scan_tags(&entry.path(), &upstream, &mut Vec::new(), &mut inv.tags)?;
-        }
-    }
-    inv.tags
-        .sort_by(|a, b| (&a.upstream, &a.repo, &a.tag).cmp(&(&b.upstream, &b.repo, &b.tag)));
-    Ok(inv)
-}
-
-/// Walks `<upstream>/<repo components...>/_tags/<tag>`.
-fn scan_tags(
-    dir: &Path,
-    upstream: &str,
-    repo: &mut Vec<String>,
-    out: &mut Vec<TagRef>,
-) -> io::Result<()> {
-    for (name, entry) in read_dir_names(dir)? {
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        if name == "_tags" {
-            for (tag, file) in read_dir_names(&entry.path())? {
-                #[derive(serde::Deserialize)]
-                struct Rec {
-                    digest: String,
-                }
-                let Ok(text) = std::fs::read(file.path()) else {
-                    continue;
-                };
-                let Some(digest) = serde_json::from_slice::<Rec>(&text)
-                    .ok()
-                    .and_then(|r| r.digest.parse().ok())
-                else {
-                    continue;
-                };
-                out.push(TagRef {
-                    upstream: upstream.to_string(),
-                    repo: repo.join("/"),
-                    tag,
-                    digest,
-                    path: file.path(),
-                });
+        for key in store.meta().list(layout::TAGS).await? {
+            let Some((upstream, repo, tag)) = layout::parse_tag_key(&key) else {
+                continue;
+            };
+            #[derive(serde::Deserialize)]
+            struct Rec {
+                digest: String,
             }
-        } else {
-            repo.push(name);
-            scan_tags(&entry.path(), upstream, repo, out)?;
-            repo.pop();
+            let Some(text) = store.meta().get(&key).await? else {
+                continue; // removed meanwhile
+            };
+            let Some(digest) = serde_json::from_slice::<Rec>(&text)
+                .ok()
+                .and_then(|r| r.digest.parse().ok())
+            else {
+                continue;
+            };
+            inv.tags.push(TagRef {
+                upstream,
+                repo: repo.to_string(),
+                tag: tag.to_string(),
+                digest,
+                key,
+            });
         }
+        inv.tags
+            .sort_by(|a, b| (&a.upstream, &a.repo, &a.tag).cmp(&(&b.upstream, &b.repo, &b.tag)));
+        Ok(inv)
     }
-    Ok(())
 }

@@ -43,13 +43,16 @@ pub struct Journal {
 }
 
 pub fn path(root: &Path) -> PathBuf {
-    root.join("meta/journal")
+    super::layout::path(root, super::layout::JOURNAL)
 }
 
 impl Journal {
     /// Opens (creating) the journal of the store at `root`, continuing its numbering.
     pub fn open(root: &Path) -> io::Result<Journal> {
         let path = path(root);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         let last = last_seq(&path)?;
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         Ok(Journal {

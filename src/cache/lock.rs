@@ -19,7 +19,7 @@ pub fn acquire(root: &Path) -> io::Result<StoreLock> {
         .create(true)
         .truncate(false)
         .write(true)
-        .open(root.join("lock"))?;
+        .open(super::layout::lock_file(root))?;
     match file.try_lock() {
         Ok(()) => Ok(StoreLock { _file: file }),
         Err(TryLockError::WouldBlock) => Err(io::Error::new(

@@ -1,21 +1,13 @@
 //! Stored manifests: the bytes live with the other blobs (content-addressed), their media type
-//! beside them in `meta/manifests/`. A small in-memory cache keeps hot manifests off the disk.
+//! in a meta record. A small in-memory cache keeps hot manifests off storage.
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{temp, Store};
+use super::{layout, Store};
 use crate::oci::Digest;
-
-/// Where a manifest's media type is recorded (its presence marks the manifest stored).
-pub fn meta_path(root: &std::path::Path, digest: &Digest) -> PathBuf {
-    root.join("meta/manifests")
-        .join(digest.algorithm().as_str())
-        .join(digest.hex())
-}
 
 #[derive(Debug)]
 pub struct StoredManifest {
@@ -25,28 +17,20 @@ pub struct StoredManifest {
 }
 
 impl Store {
-    fn manifest_meta_path(&self, digest: &Digest) -> PathBuf {
-        meta_path(self.root(), digest)
-    }
-
     /// The manifest with this digest, if stored. Its bytes were verified when stored.
     pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<Arc<StoredManifest>>> {
         if let Some(m) = self.manifest_cache.get(digest) {
             return Ok(Some(m));
         }
-        let media_type = match tokio::fs::read_to_string(self.manifest_meta_path(digest)).await {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(media_type) = self.meta().get(&layout::manifest_type(digest)).await? else {
+            return Ok(None);
         };
-        let body = match tokio::fs::read(self.blob_path(digest)).await {
-            Ok(b) => Bytes::from(b),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(body) = self.blobs().read(digest).await? else {
+            return Ok(None);
         };
         let m = Arc::new(StoredManifest {
             digest: digest.clone(),
-            media_type: media_type.trim().to_string(),
+            media_type: String::from_utf8_lossy(&media_type).trim().to_string(),
             body,
         });
         self.manifest_cache.insert(digest.clone(), m.clone());
@@ -56,26 +40,35 @@ impl Store {
     /// Stores a verified manifest: bytes first, then the media type, whose presence marks the
     /// manifest complete. Both writes are atomic.
     pub async fn put_manifest(&self, m: Arc<StoredManifest>) -> io::Result<()> {
-        let blob = self.blob_path(&m.digest);
-        if !tokio::fs::try_exists(&blob).await.unwrap_or(false) {
-            temp::write_atomic(self.tmp_dir(), m.digest.hex(), blob, m.body.clone()).await?;
+        if self.blobs().stat(&m.digest).await?.is_none() {
+            self.blobs().put(&m.digest, m.body.clone()).await?;
             self.committed(&m.digest, m.body.len() as u64);
         }
-        let meta = self.manifest_meta_path(&m.digest);
-        if !tokio::fs::try_exists(&meta).await.unwrap_or(false) {
-            temp::write_atomic(
-                self.tmp_dir(),
-                "manifest-type",
-                meta,
-                Bytes::from(m.media_type.clone()),
-            )
-            .await?;
-            self.journal_append(super::journal::Entry::Manifest {
-                digest: m.digest.to_string(),
-                media_type: m.media_type.clone(),
-            });
-        }
+        self.record_manifest_type(&m.digest, &m.media_type).await?;
         self.manifest_cache.insert(m.digest.clone(), m);
         Ok(())
+    }
+
+    /// Records the media type of a stored manifest (its bytes must be stored already), which
+    /// marks it complete; says whether it was new (and journaled).
+    pub async fn record_manifest_type(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+    ) -> io::Result<bool> {
+        let recorded = self
+            .meta()
+            .put_if_absent(
+                &layout::manifest_type(digest),
+                Bytes::from(media_type.to_owned()),
+            )
+            .await?;
+        if recorded {
+            self.journal_append(super::journal::Entry::Manifest {
+                digest: digest.to_string(),
+                media_type: media_type.to_owned(),
+            });
+        }
+        Ok(recorded)
     }
 }

@@ -1,17 +1,14 @@
-//! The local, content-addressed cache: blob lookup (hit, fill in progress, miss), the fills,
-//! stored manifests and the tag index.
-//!
-//! ```text
-//! <root>/blobs/<alg>/<hex>                    verified content (layers, configs, manifests)
-//! <root>/meta/manifests/<alg>/<hex>           a stored manifest's media type
-//! <root>/meta/tags/<upstream>/<repo>/_tags/<tag>   tag → digest, media type, size, fetched-at
-//! <root>/tmp/                                 fills in progress; emptied at start-up
-//! ```
+//! The content-addressed cache: blob lookup (hit, fill in progress, miss), the fills, stored
+//! manifests, the tag index, pins and use stamps. `Store` keeps what is local to the process
+//! (fills, spool folder, in-memory caches) and reaches storage only through the `backend`
+//! traits, with keys from `layout`.
 
+pub mod backend;
 pub mod evict;
 pub mod fill;
 pub mod inventory;
 pub mod journal;
+pub mod layout;
 pub mod lock;
 pub mod manifests;
 mod mapped;
@@ -19,12 +16,13 @@ pub mod pins;
 pub mod read;
 pub mod tags;
 mod tail;
-mod temp;
+pub mod temp;
 pub mod usage;
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -32,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
+use crate::config::PinConfig;
 use crate::oci::Digest;
 pub use fill::{Fill, FillError, FillSource, Progress};
 pub use manifests::StoredManifest;
@@ -68,8 +67,20 @@ impl Drop for InProgress {
         {
             fills.remove(&self.fill.digest);
         }
+        self.store.fills_ended.fetch_add(1, Ordering::Release);
         crate::metrics::fills(fills.len());
     }
+}
+
+/// Empties the spool folder: what is there was left by a process that stopped mid-fill.
+fn empty_spool(root: &Path) -> io::Result<()> {
+    let tmp = layout::tmp_dir(root);
+    match std::fs::remove_dir_all(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(&tmp)
 }
 
 impl BlobState {
@@ -81,9 +92,16 @@ impl BlobState {
 }
 
 pub struct Store {
+    /// This process's folder: the spool (`tmp/`), the lock, quarantine; with the filesystem
+    /// backend also the content.
     root: PathBuf,
     tmp: PathBuf,
+    blobs: Arc<dyn backend::Blobs>,
+    meta: Arc<dyn backend::Meta>,
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+    /// Bumped (under the `fills` lock) whenever a fill leaves the map, after its commit: a
+    /// lookup that missed while a fill was committing sees it change and looks again.
+    fills_ended: AtomicU64,
     tracker: TaskTracker,
     cancel: CancellationToken,
     manifest_cache: moka::sync::Cache<Digest, Arc<StoredManifest>>,
@@ -92,15 +110,18 @@ pub struct Store {
     pub tags: TagIndex,
     pub usage: Arc<usage::Usage>,
     pub journal: Arc<journal::Journal>,
-    _lock: lock::StoreLock,
+    /// Serialises read-modify-write of the pin list.
+    pins: tokio::sync::Mutex<()>,
+    /// The process lock; `None` for tools that work beside a running server.
+    _lock: Option<lock::StoreLock>,
     max_size: Option<u64>,
     /// Woken when a commit takes the store past `max_size`, so eviction starts at once.
     pub over_limit: tokio::sync::Notify,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root` and empties its temp folder: whatever is
-    /// there was left by a process that stopped mid-fill and is unverified.
+    /// Opens (creating if needed) the filesystem store at `root` and empties its temp folder:
+    /// whatever is there was left by a process that stopped mid-fill and is unverified.
     pub fn open(
         root: &Path,
         max_size: Option<u64>,
@@ -108,31 +129,95 @@ impl Store {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> io::Result<Store> {
-        let tmp = root.join("tmp");
         std::fs::create_dir_all(root)?;
-        // Before anything else: the temp folder below may belong to another live process.
+        // Before anything else: the temp folder may belong to another live process.
         let store_lock = lock::acquire(root)?;
-        for dir in [
-            "blobs/sha256",
-            "blobs/sha512",
-            "meta/manifests",
-            "meta/tags",
-        ] {
-            std::fs::create_dir_all(root.join(dir))?;
+        empty_spool(root)?;
+        let fs = Arc::new(backend::fs::Fs::open(root)?);
+        Store::assemble(
+            root,
+            fs.clone(),
+            fs,
+            Some(store_lock),
+            max_size,
+            clock,
+            tracker,
+            cancel,
+        )
+    }
+
+    /// Opens the filesystem store at `root` for a tool that works beside a running server
+    /// (`entrepot cache`): no lock, and the spool is left alone. Removals it makes are announced
+    /// with [`Store::bump_generation`].
+    pub fn open_beside(root: &Path) -> io::Result<Store> {
+        if !root.join(layout::BLOBS).is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} is not an entrepot store (no blobs/ folder)",
+                    root.display()
+                ),
+            ));
         }
-        match std::fs::remove_dir_all(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        std::fs::create_dir_all(&tmp)?;
+        let fs = Arc::new(backend::fs::Fs::open(root)?);
+        Store::assemble(
+            root,
+            fs.clone(),
+            fs,
+            None,
+            None,
+            Clock::default(),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        )
+    }
+
+    /// A store over other backends, with its spool and lock in `root` (tests use the memory
+    /// backend through this).
+    pub fn with_backends(
+        root: &Path,
+        blobs: Arc<dyn backend::Blobs>,
+        meta: Arc<dyn backend::Meta>,
+        clock: Clock,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> io::Result<Store> {
+        std::fs::create_dir_all(root)?;
+        let store_lock = lock::acquire(root)?;
+        empty_spool(root)?;
+        Store::assemble(
+            root,
+            blobs,
+            meta,
+            Some(store_lock),
+            None,
+            clock,
+            tracker,
+            cancel,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        root: &Path,
+        blobs: Arc<dyn backend::Blobs>,
+        meta: Arc<dyn backend::Meta>,
+        store_lock: Option<lock::StoreLock>,
+        max_size: Option<u64>,
+        clock: Clock,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> io::Result<Store> {
         let journal = Arc::new(journal::Journal::open(root)?);
         Ok(Store {
             root: root.to_path_buf(),
-            tags: TagIndex::new(root.join("meta/tags"), tmp.clone(), clock, journal.clone()),
+            tmp: layout::tmp_dir(root),
+            tags: TagIndex::new(meta.clone(), clock, journal.clone()),
+            blobs,
+            meta,
             journal,
-            tmp,
             fills: Mutex::new(HashMap::new()),
+            fills_ended: AtomicU64::new(0),
             tracker,
             cancel,
             manifest_cache: moka::sync::Cache::builder()
@@ -141,6 +226,7 @@ impl Store {
                 .build(),
             mapped: moka::sync::Cache::new(MAPPED_BLOBS),
             usage: Arc::new(usage::Usage::default()),
+            pins: tokio::sync::Mutex::new(()),
             _lock: store_lock,
             max_size,
             over_limit: tokio::sync::Notify::new(),
@@ -155,11 +241,17 @@ impl Store {
         &self.tmp
     }
 
-    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root
-            .join("blobs")
-            .join(digest.algorithm().as_str())
-            .join(digest.hex())
+    pub fn blobs(&self) -> &dyn backend::Blobs {
+        &*self.blobs
+    }
+
+    pub fn meta(&self) -> &dyn backend::Meta {
+        &*self.meta
+    }
+
+    /// Is the blob stored (complete and verified)?
+    pub async fn has_blob(&self, digest: &Digest) -> io::Result<bool> {
+        Ok(self.mapped.contains_key(digest) || self.blobs.stat(digest).await?.is_some())
     }
 
     /// The fill of `digest` running now, if any.
@@ -199,22 +291,14 @@ impl Store {
         if let Some(data) = self.mapped.get(digest) {
             return Ok(BlobState::Hit { data });
         }
-        let path = self.blob_path(digest);
         loop {
             if let Some(fill) = self.fill_in_progress(digest) {
                 return Ok(BlobState::joined(fill));
             }
-            let p = path.clone();
-            match tokio::task::spawn_blocking(move || mapped::map_file(&p))
-                .await
-                .map_err(io::Error::other)?
-            {
-                Ok(data) => {
-                    self.mapped.insert(digest.clone(), data.clone());
-                    return Ok(BlobState::Hit { data });
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+            let ended = self.fills_ended.load(Ordering::Acquire);
+            if let Some(data) = self.blobs.open(digest).await? {
+                self.mapped.insert(digest.clone(), data.clone());
+                return Ok(BlobState::Hit { data });
             }
             let Some(source) = source.clone() else {
                 return Ok(match self.fill_in_progress(digest) {
@@ -226,10 +310,9 @@ impl Store {
             if let Some(fill) = fills.get(digest) {
                 return Ok(BlobState::joined(fill.clone()));
             }
-            // A fill stays in the map until after its rename, so a blob that is neither in the
-            // map nor on disk here is truly missing. Checked under the lock (a cheap stat, only
-            // on misses) so two requests cannot both start a fill.
-            if path.exists() {
+            // A fill leaves the map only after its commit. If one left since we looked, it
+            // may have stored this very blob: look again rather than fetch it twice.
+            if self.fills_ended.load(Ordering::Acquire) != ended {
                 continue;
             }
             let (fill, tx) = fill::new_fill(digest.clone(), source);
@@ -274,29 +357,25 @@ impl Store {
             .collect()
     }
 
-    /// Removes what an eviction plan names, from disk and from every in-memory cache.
+    /// Removes what an eviction plan names, from storage and from every in-memory cache:
+    /// tags first, then manifest records, then blobs, so a tag never resolves to a manifest
+    /// whose content is gone. Records already gone are fine.
     pub async fn remove(&self, plan: &evict::Plan) -> io::Result<()> {
-        if plan.blobs.is_empty() && plan.tags.is_empty() {
+        if plan.blobs.is_empty() && plan.tags.is_empty() && plan.manifests.is_empty() {
             return Ok(());
         }
-        // Tags first, in memory too, so no request resolves a tag to what is being removed.
         for t in &plan.tags {
             self.tags.forget(&t.upstream, &t.repo, &t.tag);
+            self.meta.delete(&t.key).await?;
         }
-        let root = self.root.clone();
-        let p = evict::Plan {
-            tags: plan.tags.clone(),
-            manifests: plan.manifests.clone(),
-            blobs: plan.blobs.clone(),
-            freed: plan.freed,
-            protected_units: plan.protected_units,
-        };
-        tokio::task::spawn_blocking(move || evict::apply(&root, &p))
-            .await
-            .map_err(io::Error::other)??;
+        for d in &plan.manifests {
+            self.manifest_cache.invalidate(d);
+            self.meta.delete(&layout::manifest_type(d)).await?;
+        }
         for d in &plan.blobs {
             self.mapped.invalidate(d);
             self.manifest_cache.invalidate(d);
+            self.blobs.delete(d).await?;
         }
         self.usage.removed(&plan.blobs);
         self.usage.set_totals(
@@ -305,6 +384,92 @@ impl Store {
         );
         crate::metrics::evicted(plan.blobs.len() as u64, plan.freed);
         Ok(())
+    }
+
+    /// The pins recorded in the store (by prefetch, import and `POST /pins`).
+    pub async fn recorded_pins(&self) -> io::Result<Vec<PinConfig>> {
+        let text = self.meta.get(layout::PINS).await?.unwrap_or_default();
+        Ok(pins::parse(&String::from_utf8_lossy(&text)))
+    }
+
+    /// Records pins (those already recorded are not repeated).
+    pub async fn add_pins(&self, new: &[PinConfig]) -> io::Result<()> {
+        let _one_at_a_time = self.pins.lock().await;
+        let mut all = self.recorded_pins().await?;
+        let before = all.len();
+        for p in new {
+            if !all.contains(p) {
+                all.push(p.clone());
+            }
+        }
+        if all.len() == before {
+            return Ok(());
+        }
+        self.meta
+            .put(layout::PINS, Bytes::from(pins::render(&all)))
+            .await
+    }
+
+    /// Tells running servers that content was removed behind their back (by `entrepot cache`):
+    /// they drop what they hold in memory and look at storage again.
+    pub async fn bump_generation(&self) -> io::Result<()> {
+        let stamp = format!("{} {}", usage::unix_now_ms(), std::process::id());
+        self.meta.put(layout::GENERATION, Bytes::from(stamp)).await
+    }
+
+    /// Watches the generation record until `stopping`: when a tool bumps it, every in-memory
+    /// mapping, manifest and tag is dropped, so removed content is fetched again and its space
+    /// freed once the last reader is done.
+    pub async fn watch_generation(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        stopping: CancellationToken,
+    ) {
+        let mut seen = self.meta.get(layout::GENERATION).await.ok().flatten();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stopping.cancelled() => return,
+            }
+            let now = match self.meta.get(layout::GENERATION).await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not read the store generation");
+                    continue;
+                }
+            };
+            if now != seen {
+                tracing::info!("store changed by another process; dropping in-memory caches");
+                self.forget_cached();
+                seen = now;
+            }
+        }
+    }
+
+    /// Drops every in-memory copy of stored state; storage is read again on the next request.
+    fn forget_cached(&self) {
+        self.mapped.invalidate_all();
+        self.manifest_cache.invalidate_all();
+        // Invalidation is lazy: drop the mappings now, so removed files' space is freed.
+        self.mapped.run_pending_tasks();
+        self.manifest_cache.run_pending_tasks();
+        self.tags.forget_all();
+    }
+
+    /// Loads the saved use stamps (at start-up).
+    pub async fn load_usage(&self) -> io::Result<()> {
+        if let Some(text) = self.meta.get(layout::ACCESS).await? {
+            self.usage.load(&text);
+        }
+        Ok(())
+    }
+
+    /// Saves the use stamps if they changed since the last save.
+    pub async fn save_usage(&self) -> io::Result<()> {
+        match self.usage.changes() {
+            Some(text) => self.meta.put(layout::ACCESS, text).await,
+            None => Ok(()),
+        }
     }
 
     /// Can the store take writes? Creates and removes a file in the temp folder.
@@ -325,6 +490,75 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
+
+    fn memory_store(dir: &Path) -> Arc<Store> {
+        let mem = Arc::new(backend::memory::Memory::default());
+        Arc::new(
+            Store::with_backends(
+                dir,
+                mem.clone(),
+                mem,
+                Clock::default(),
+                TaskTracker::new(),
+                CancellationToken::new(),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// The store works on any backend: manifests, tags, pins, use stamps, listing and removal
+    /// all go through the seam (here the memory backend, no file but the spool and lock).
+    #[tokio::test]
+    async fn a_store_on_the_memory_backend_keeps_and_removes_an_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = memory_store(dir.path());
+        let layer = Digest::sha256_of(b"layer");
+        store
+            .blobs()
+            .put(&layer, Bytes::from_static(b"layer"))
+            .await
+            .unwrap();
+        let body = format!(r#"{{"layers":[{{"digest":"{layer}"}}]}}"#);
+        let m = Arc::new(StoredManifest {
+            digest: Digest::sha256_of(body.as_bytes()),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            body: Bytes::from(body),
+        });
+        store.put_manifest(m.clone()).await.unwrap();
+        let up: Arc<str> = "up".into();
+        let repo: crate::oci::RepoName = "team/app".parse().unwrap();
+        let tag: crate::oci::Tag = "v1".parse().unwrap();
+        store
+            .tags
+            .put(&up, &repo, &tag, m.digest.clone(), m.media_type.clone(), 10)
+            .await
+            .unwrap();
+        let pin = crate::config::parse_image_ref("up/team/app:v1").unwrap();
+        store.add_pins(&[pin.clone(), pin.clone()]).await.unwrap();
+        assert_eq!(store.recorded_pins().await.unwrap(), vec![pin]);
+        store.usage.touch(&layer);
+        store.save_usage().await.unwrap();
+        assert!(store.meta().get(layout::ACCESS).await.unwrap().is_some());
+
+        let inv = inventory::Inventory::load(&store).await.unwrap();
+        assert_eq!(inv.blobs.len(), 2);
+        assert_eq!(inv.manifests[&m.digest], vec![layer.clone()]);
+        assert_eq!(inv.tags.len(), 1);
+        assert_eq!(inv.tags[0].key, layout::tag("up", &repo, &tag));
+        assert!(store.has_blob(&layer).await.unwrap());
+        assert_eq!(
+            store.manifest(&m.digest).await.unwrap().unwrap().body,
+            m.body
+        );
+
+        let p = evict::plan(&inv, u64::MAX, |_| 0, &std::collections::HashSet::new());
+        store.remove(&p).await.unwrap();
+        let inv = inventory::Inventory::load(&store).await.unwrap();
+        assert!(inv.blobs.is_empty() && inv.manifests.is_empty() && inv.tags.is_empty());
+        assert!(store.manifest(&m.digest).await.unwrap().is_none());
+        assert!(store.tags.get(&up, &repo, &tag).await.is_none());
+        assert!(!store.has_blob(&layer).await.unwrap());
+    }
 
     /// A fill task that panicked used to leave its digest in the in-progress map for ever:
     /// every later request joined the dead fill and failed until a restart.

@@ -1,5 +1,7 @@
 //! A file being written: work in progress as a value. Dropping it removes the file;
 //! `commit(self)` makes it durable (fsync) and moves it into place atomically (rename).
+//! `write_atomic` and `write_new` are the one way every writer of the filesystem store puts a
+//! small file in place.
 
 use std::fs::File;
 use std::io;
@@ -35,6 +37,20 @@ impl TempFile {
         })
         .await
         .map_err(io::Error::other)??;
+        Ok(TempFile {
+            path,
+            file: Arc::new(file),
+            committed: false,
+        })
+    }
+
+    /// Takes over a complete file that another writer left in the temp folder (an import's
+    /// staged blob): committed like any other, removed if dropped.
+    pub fn adopt(path: PathBuf) -> io::Result<TempFile> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
         Ok(TempFile {
             path,
             file: Arc::new(file),
@@ -87,13 +103,47 @@ impl Drop for TempFile {
     }
 }
 
-/// Writes `data` to `dest` durably and atomically through a temp file in `tmp`.
+/// Writes `data` to `dest` durably and atomically through a temp file in `tmp`: readers see
+/// the old file or the new one, and a crash leaves one of them.
 pub async fn write_atomic(
     tmp: &Path,
     stem: &str,
     dest: PathBuf,
     data: bytes::Bytes,
 ) -> io::Result<()> {
+    let temp = filled(tmp, stem, &dest, data).await?;
+    temp.commit(dest).await
+}
+
+/// Like [`write_atomic`], but only if nothing is at `dest`; says whether it wrote.
+pub async fn write_new(
+    tmp: &Path,
+    stem: &str,
+    dest: PathBuf,
+    data: bytes::Bytes,
+) -> io::Result<bool> {
+    let temp = filled(tmp, stem, &dest, data).await?;
+    let src = temp.path.clone();
+    let file = temp.file.clone();
+    // `temp` is dropped at the end either way, removing its name; the link stays.
+    tokio::task::spawn_blocking(move || -> io::Result<bool> {
+        file.sync_all()?;
+        match std::fs::hard_link(&src, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = dest.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+        Ok(true)
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// A temp file holding `data`, with `dest`'s folder created.
+async fn filled(tmp: &Path, stem: &str, dest: &Path, data: bytes::Bytes) -> io::Result<TempFile> {
     let temp = TempFile::create(tmp, stem).await?;
     let file = temp.file().clone();
     tokio::task::spawn_blocking(move || io::Write::write_all(&mut &*file, &data))
@@ -102,5 +152,5 @@ pub async fn write_atomic(
     if let Some(parent) = dest.parent() {
         tokio::fs::create_dir_all(parent).await?;
     }
-    temp.commit(dest).await
+    Ok(temp)
 }

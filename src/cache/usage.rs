@@ -7,8 +7,6 @@
 //! at any pull rate.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -138,28 +136,26 @@ impl Usage {
         crate::metrics::cache_size(bytes, entries);
     }
 
-    /// Writes the use stamps (`<digest> <unix ms>` per line) if they changed.
-    pub fn save(&self, path: &Path) -> io::Result<()> {
+    /// The saved form of the use stamps (`<digest> <unix ms>` per line), if they changed since
+    /// the last call.
+    pub fn changes(&self) -> Option<bytes::Bytes> {
         if !self.dirty.swap(false, Ordering::Relaxed) {
-            return Ok(());
+            return None;
         }
-        let text: String = {
-            let a = self.access.lock().unwrap();
-            a.iter().map(|(d, t)| format!("{d} {t}\n")).collect()
-        };
-        let tmp = path.with_extension("new");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        let a = self.access.lock().unwrap();
+        Some(
+            a.iter()
+                .map(|(d, t)| format!("{d} {t}\n"))
+                .collect::<String>()
+                .into(),
+        )
     }
 
-    /// Loads saved use stamps (older files hold seconds); entries already recorded in memory
-    /// are newer and kept, and stamps handed out from now on are later than every one loaded.
-    pub fn load(&self, path: &Path) -> io::Result<()> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
+    /// Loads saved use stamps (older records hold seconds); entries already recorded in
+    /// memory are newer and kept, and stamps handed out from now on are later than every one
+    /// loaded.
+    pub fn load(&self, saved: &[u8]) {
+        let text = String::from_utf8_lossy(saved);
         let mut a = self.access.lock().unwrap();
         for line in text.lines() {
             let mut it = line.split_whitespace();
@@ -172,7 +168,6 @@ impl Usage {
                 a.entry(d).or_insert(ms);
             }
         }
-        Ok(())
     }
 }
 
@@ -198,11 +193,10 @@ mod tests {
             t.abs_diff(unix_now_ms()) < 60_000,
             "a stamp is Unix milliseconds"
         );
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("access");
-        u.save(&p).unwrap();
+        let saved = u.changes().expect("a use was recorded");
+        assert!(u.changes().is_none(), "nothing changed since");
         let v = Usage::default();
-        v.load(&p).unwrap();
+        v.load(&saved);
         assert_eq!(v.last_use(&d), Some(t));
     }
 }
@@ -228,14 +222,11 @@ mod stamp_tests {
 
     #[test]
     fn saved_seconds_are_read_as_milliseconds_and_new_stamps_come_after_loaded_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("access");
         let old = Digest::sha256_of(b"old");
         let future = Digest::sha256_of(b"future");
         let far = unix_now_ms() + 3_600_000;
-        std::fs::write(&p, format!("{old} 1700000000\n{future} {far}\n")).unwrap();
         let u = Usage::default();
-        u.load(&p).unwrap();
+        u.load(format!("{old} 1700000000\n{future} {far}\n").as_bytes());
         assert_eq!(u.last_use(&old), Some(1_700_000_000_000));
         let now = Digest::sha256_of(b"now");
         u.touch(&now);

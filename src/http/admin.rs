@@ -82,11 +82,10 @@ async fn pins(state: &AppState, text: &str) -> (StatusCode, &'static str, String
             Err(e) => return (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
         }
     }
-    let root = state.store.root().to_path_buf();
     let n = parsed.len();
-    match tokio::task::spawn_blocking(move || crate::cache::pins::add(&root, &parsed)).await {
-        Ok(Ok(())) => (StatusCode::OK, "text/plain", format!("pinned {n}\n")),
-        _ => (
+    match state.store.add_pins(&parsed).await {
+        Ok(()) => (StatusCode::OK, "text/plain", format!("pinned {n}\n")),
+        Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
             "could not record pins\n".to_string(),

@@ -1,15 +1,16 @@
-//! `entrepot cache ...`: list, remove, verify and garbage-collect the store, working on the
-//! store folder directly, so they run with or without a server. Every removal is atomic per
-//! file and ordered tags → manifests → blobs; a running server notices removed content on its
-//! next miss (and fetches it again when its upstream is reachable).
+//! `entrepot cache ...`: list, remove, verify and garbage-collect the store, through `Store`
+//! like every other writer, with or without a server running. Removals are ordered tags →
+//! manifests → blobs, and announced (the store's generation): a running server drops what it
+//! holds in memory within a second and fetches removed content again on its next miss.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read};
+use std::future::Future;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::cache::evict::{self, Plan};
-use crate::cache::inventory::{self, Inventory};
-use crate::cache::usage::Usage;
+use crate::cache::inventory::Inventory;
+use crate::cache::Store;
 use crate::config::{self, Config};
 use crate::oci::{Digest, Hasher, Reference};
 
@@ -28,25 +29,39 @@ pub struct Target {
 }
 
 impl Target {
-    fn upstream_name(&self, name: &str) -> String {
+    /// The configured name of the upstream `name` selects (an alias maps to its upstream).
+    pub fn upstream_name(&self, name: &str) -> String {
         self.config
             .as_ref()
             .and_then(|c| c.upstreams.iter().find(|u| u.matches(name)))
             .map_or_else(|| name.to_string(), |u| u.name.clone())
     }
 
-    fn scan(&self) -> Result<(Inventory, Usage), MaintenanceError> {
-        if !self.root.join("blobs").is_dir() {
-            return Err(MaintenanceError::Usage(format!(
-                "{} is not an entrepot store (no blobs/ folder)",
-                self.root.display()
-            )));
-        }
-        let inv = inventory::scan(&self.root)?;
-        let usage = Usage::default();
-        usage.load(&self.root.join("meta/access"))?;
-        Ok((inv, usage))
+    /// The store (beside any running server), what it holds, and its saved use stamps.
+    async fn open(&self) -> Result<(Store, Inventory), MaintenanceError> {
+        let store = Store::open_beside(&self.root).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => MaintenanceError::Usage(e.to_string()),
+            _ => MaintenanceError::Io(e),
+        })?;
+        store.load_usage().await?;
+        let inv = Inventory::load(&store).await?;
+        Ok((store, inv))
     }
+}
+
+/// Runs a command's work on a small runtime of its own (the commands are called from `main`).
+fn run<T>(work: impl Future<Output = Result<T, MaintenanceError>>) -> Result<T, MaintenanceError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(work)
+}
+
+/// Removes what `plan` names and tells running servers about it.
+async fn apply(store: &Store, plan: &Plan) -> Result<(), MaintenanceError> {
+    store.remove(plan).await?;
+    store.bump_generation().await?;
+    Ok(())
 }
 
 pub fn human_size(n: u64) -> String {
@@ -76,7 +91,8 @@ fn when(stamp_ms: u64) -> String {
 
 /// `cache ls`: every tag (and untagged image) with its size and last use.
 pub fn ls(t: &Target, out: &mut impl io::Write) -> Result<(), MaintenanceError> {
-    let (inv, usage) = t.scan()?;
+    let (store, inv) = run(t.open())?;
+    let usage = &store.usage;
     writeln!(
         out,
         "{:<40} {:<20} {:<19} {:>10}  LAST USED",
@@ -137,49 +153,51 @@ pub fn ls(t: &Target, out: &mut impl io::Write) -> Result<(), MaintenanceError> 
 pub fn rm(t: &Target, reference: &str, out: &mut impl io::Write) -> Result<(), MaintenanceError> {
     let pin = config::parse_image_ref(reference).map_err(MaintenanceError::Usage)?;
     let upstream = t.upstream_name(&pin.upstream);
-    let (inv, _) = t.scan()?;
-    let (digest, named_tags): (Digest, Vec<_>) = match &pin.reference {
-        Reference::Digest(d) => (d.clone(), Vec::new()),
-        Reference::Tag(tag) => {
-            let found = inv.tags.iter().find(|r| {
-                r.upstream == upstream && r.repo == pin.repo.as_str() && r.tag == tag.as_str()
-            });
-            let Some(found) = found else {
-                return Err(MaintenanceError::Usage(format!(
-                    "{reference} is not in the store"
-                )));
-            };
-            (found.digest.clone(), vec![found.clone()])
+    run(async {
+        let (store, inv) = t.open().await?;
+        let (digest, named_tags): (Digest, Vec<_>) = match &pin.reference {
+            Reference::Digest(d) => (d.clone(), Vec::new()),
+            Reference::Tag(tag) => {
+                let found = inv.tags.iter().find(|r| {
+                    r.upstream == upstream && r.repo == pin.repo.as_str() && r.tag == tag.as_str()
+                });
+                let Some(found) = found else {
+                    return Err(MaintenanceError::Usage(format!(
+                        "{reference} is not in the store"
+                    )));
+                };
+                (found.digest.clone(), vec![found.clone()])
+            }
+        };
+        // Other tags still pointing at the image keep it: only this tag goes.
+        let others = inv
+            .tags
+            .iter()
+            .any(|r| r.digest == digest && !named_tags.contains(r));
+        let plan = if others || !inv.blobs.contains_key(&digest) {
+            Plan {
+                tags: named_tags,
+                ..Plan::default()
+            }
+        } else {
+            remove_image(&inv, &digest)
+        };
+        if plan.tags.is_empty() && plan.blobs.is_empty() {
+            return Err(MaintenanceError::Usage(format!(
+                "{reference} is not in the store"
+            )));
         }
-    };
-    // Other tags still pointing at the image keep it: only this tag goes.
-    let others = inv
-        .tags
-        .iter()
-        .any(|r| r.digest == digest && !named_tags.contains(r));
-    let plan = if others || !inv.blobs.contains_key(&digest) {
-        Plan {
-            tags: named_tags,
-            ..Plan::default()
-        }
-    } else {
-        remove_image(&inv, &digest)
-    };
-    if plan.tags.is_empty() && plan.blobs.is_empty() {
-        return Err(MaintenanceError::Usage(format!(
-            "{reference} is not in the store"
-        )));
-    }
-    evict::apply(&t.root, &plan)?;
-    writeln!(
-        out,
-        "removed {} tag(s), {} manifest(s), {} blob(s), {}",
-        plan.tags.len(),
-        plan.manifests.len(),
-        plan.blobs.len(),
-        human_size(plan.freed)
-    )?;
-    Ok(())
+        apply(&store, &plan).await?;
+        writeln!(
+            out,
+            "removed {} tag(s), {} manifest(s), {} blob(s), {}",
+            plan.tags.len(),
+            plan.manifests.len(),
+            plan.blobs.len(),
+            human_size(plan.freed)
+        )?;
+        Ok(())
+    })
 }
 
 /// The plan that removes one image: its closure, less what other images reference.
@@ -215,67 +233,56 @@ fn remove_image(inv: &Inventory, root: &Digest) -> Plan {
 /// `cache verify`: re-hashes every blob; corrupt ones move to `<root>/quarantine/` (with the
 /// tags of corrupt manifests). Returns how many were corrupt.
 pub fn verify(t: &Target, out: &mut impl io::Write) -> Result<usize, MaintenanceError> {
-    let (inv, _) = t.scan()?;
-    let quarantine = t.root.join("quarantine");
-    let mut digests: Vec<&Digest> = inv.blobs.keys().collect();
-    digests.sort();
-    let mut bad = Vec::new();
-    let mut bytes = 0;
-    for d in digests {
-        let path = t
-            .root
-            .join("blobs")
-            .join(d.algorithm().as_str())
-            .join(d.hex());
-        let mut f = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let mut h = Hasher::new(d.algorithm());
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
+    run(async {
+        let (store, inv) = t.open().await?;
+        let quarantine = crate::cache::layout::quarantine_dir(&t.root);
+        let mut digests: Vec<&Digest> = inv.blobs.keys().collect();
+        digests.sort();
+        let mut bad = Vec::new();
+        let mut bytes = 0;
+        for d in digests {
+            let Some(data) = store.blobs().open(d).await? else {
+                continue; // removed meanwhile
+            };
+            bytes += data.len() as u64;
+            let mut h = Hasher::new(d.algorithm());
+            h.update(&data);
+            if h.finish() != *d {
+                let dest = quarantine.join(format!("{}-{}", d.algorithm().as_str(), d.hex()));
+                tokio::fs::create_dir_all(&quarantine).await?;
+                tokio::fs::write(&dest, &data).await?;
+                store.blobs().delete(d).await?;
+                writeln!(out, "corrupt: {d} → {}", dest.display())?;
+                bad.push(d.clone());
             }
-            bytes += n as u64;
-            h.update(&buf[..n]);
         }
-        if h.finish() != *d {
-            std::fs::create_dir_all(&quarantine)?;
-            let dest = quarantine.join(format!("{}-{}", d.algorithm().as_str(), d.hex()));
-            std::fs::rename(&path, &dest)?;
-            writeln!(out, "corrupt: {d} → {}", dest.display())?;
-            bad.push(d.clone());
+        if !bad.is_empty() {
+            let plan = Plan {
+                tags: inv
+                    .tags
+                    .iter()
+                    .filter(|t| bad.contains(&t.digest))
+                    .cloned()
+                    .collect(),
+                manifests: bad
+                    .iter()
+                    .filter(|d| inv.manifests.contains_key(*d))
+                    .cloned()
+                    .collect(),
+                ..Plan::default()
+            };
+            apply(&store, &plan).await?;
         }
-    }
-    if !bad.is_empty() {
-        let plan = Plan {
-            tags: inv
-                .tags
-                .iter()
-                .filter(|t| bad.contains(&t.digest))
-                .cloned()
-                .collect(),
-            manifests: bad
-                .iter()
-                .filter(|d| inv.manifests.contains_key(*d))
-                .cloned()
-                .collect(),
-            ..Plan::default()
-        };
-        evict::apply(&t.root, &plan)?;
-    }
-    writeln!(
-        out,
-        "checked {} blobs ({}): {} corrupt{}",
-        inv.blobs.len(),
-        human_size(bytes),
-        bad.len(),
-        if bad.is_empty() { "" } else { ", quarantined" }
-    )?;
-    Ok(bad.len())
+        writeln!(
+            out,
+            "checked {} blobs ({}): {} corrupt{}",
+            inv.blobs.len(),
+            human_size(bytes),
+            bad.len(),
+            if bad.is_empty() { "" } else { ", quarantined" }
+        )?;
+        Ok(bad.len())
+    })
 }
 
 /// `cache gc`: evicts least recently used images (never pinned ones) down to `to` bytes, or
@@ -288,36 +295,38 @@ pub fn gc(t: &Target, to: Option<u64>, out: &mut impl io::Write) -> Result<(), M
                 "give --to SIZE, or a configuration with storage.max_size".to_string(),
             )
         })?;
-    let (inv, usage) = t.scan()?;
-    let total = inv.total_bytes();
-    if total <= target {
-        writeln!(out, "store is {}: nothing to do", human_size(total))?;
-        return Ok(());
-    }
-    let mut pins = t
-        .config
-        .as_ref()
-        .map(|c| c.pins.clone())
-        .unwrap_or_default();
-    pins.extend(crate::cache::pins::load(&t.root)?);
-    let protected = evict::pinned(&inv, &pins, |u| t.upstream_name(u));
-    let plan = evict::plan(
-        &inv,
-        total - target,
-        |d| usage.last_use_in(&inv, d),
-        &protected,
-    );
-    evict::apply(&t.root, &plan)?;
-    writeln!(
-        out,
-        "evicted {} blob(s), {} manifest(s), {} tag(s): {} → {}",
-        plan.blobs.len(),
-        plan.manifests.len(),
-        plan.tags.len(),
-        human_size(total),
-        human_size(total - plan.freed)
-    )?;
-    Ok(())
+    run(async {
+        let (store, inv) = t.open().await?;
+        let total = inv.total_bytes();
+        if total <= target {
+            writeln!(out, "store is {}: nothing to do", human_size(total))?;
+            return Ok(());
+        }
+        let mut pins = t
+            .config
+            .as_ref()
+            .map(|c| c.pins.clone())
+            .unwrap_or_default();
+        pins.extend(store.recorded_pins().await?);
+        let protected = evict::pinned(&inv, &pins, |u| t.upstream_name(u));
+        let plan = evict::plan(
+            &inv,
+            total - target,
+            |d| store.usage.last_use_in(&inv, d),
+            &protected,
+        );
+        apply(&store, &plan).await?;
+        writeln!(
+            out,
+            "evicted {} blob(s), {} manifest(s), {} tag(s): {} → {}",
+            plan.blobs.len(),
+            plan.manifests.len(),
+            plan.tags.len(),
+            human_size(total),
+            human_size(total - plan.freed)
+        )?;
+        Ok(())
+    })
 }
 
 /// How a command finds the store: `--config` and/or `--root` (shared by `cache`, `export`

@@ -4,43 +4,43 @@
 //! name the images.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{self, Read};
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    blob_path, upstream_name, ANN_CONTAINERD_NAME, ANN_REF_NAME, ANN_REPOSITORY, ANN_TAG,
-    ANN_UPSTREAM,
+    upstream_name, ANN_CONTAINERD_NAME, ANN_REF_NAME, ANN_REPOSITORY, ANN_TAG, ANN_UPSTREAM,
 };
 use crate::cache::pins;
 use crate::config::{parse_image_ref, PinConfig};
 use crate::oci::{media, Digest, Reference, RepoName, Tag};
+use crate::tools::blocking::BlockingStore;
 use crate::tools::maintenance::Target;
 
 /// Where blobs are read from while walking an image.
 pub(super) trait Source {
     /// The blob's size, if it is here.
     fn size(&self, d: &Digest) -> io::Result<Option<u64>>;
-    fn open(&self, d: &Digest) -> io::Result<File>;
+    fn open(&self, d: &Digest) -> io::Result<Box<dyn Read>>;
 }
 
 pub(super) struct StoreSource<'a> {
-    pub(super) root: &'a Path,
+    pub(super) store: &'a BlockingStore,
 }
 
 impl Source for StoreSource<'_> {
     fn size(&self, d: &Digest) -> io::Result<Option<u64>> {
-        match std::fs::metadata(blob_path(self.root, d)) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.store.wait(self.store.store().blobs().stat(d))
     }
 
-    fn open(&self, d: &Digest) -> io::Result<File> {
-        File::open(blob_path(self.root, d))
+    fn open(&self, d: &Digest) -> io::Result<Box<dyn Read>> {
+        match self.store.wait(self.store.store().blobs().open(d))? {
+            Some(data) => Ok(Box::new(io::Cursor::new(data))),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{d} is not in the store"),
+            )),
+        }
     }
 }
 

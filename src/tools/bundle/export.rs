@@ -9,15 +9,18 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::closure::{annotations, walk, Closure, Descriptor, Index, StoreSource, WalkError};
+use super::closure::{
+    annotations, walk, Closure, Descriptor, Index, Source as _, StoreSource, WalkError,
+};
 use super::{
-    blob_path, io_ctx, manifest_cap, unix_now, upstream_name, BundleInfo, ExportArgs, ExportError,
+    io_ctx, manifest_cap, unix_now, upstream_name, BundleInfo, ExportArgs, ExportError,
     BUNDLE_FILE, COPY_BUF, FORMAT, FORMAT_VERSION, INDEX_FILE, LAYOUT_FILE,
 };
 use crate::cache::journal::{self, Entry};
-use crate::cache::{manifests, pins, tags};
+use crate::cache::{layout, pins, tags};
 use crate::config::{parse_image_ref, PinConfig};
 use crate::oci::{media, Digest, Hasher, Reference};
+use crate::tools::blocking::BlockingStore;
 use crate::tools::maintenance::{human_size, Target};
 
 /// An image chosen for export, resolved in the store.
@@ -39,12 +42,10 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
 /// Writes the bundle `args` asks for and prints a summary whose last line is `marker: SEQ`.
 pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result<(), ExportError> {
     let root = &t.root;
-    if !root.join("blobs").is_dir() {
-        return Err(ExportError::Usage(format!(
-            "{} is not an entrepot store (no blobs/ folder)",
-            root.display()
-        )));
-    }
+    let bs = BlockingStore::open_beside(root).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ExportError::Usage(e.to_string()),
+        _ => io_ctx(format!("cannot open the store {}", root.display()))(e),
+    })?;
     // Read before anything else: whatever commits after this is sent again by the next delta.
     let marker =
         journal::last_seq(&journal::path(root)).map_err(io_ctx("cannot read the journal"))?;
@@ -54,12 +55,12 @@ pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result
         )));
     }
     let cap = manifest_cap(t);
-    let src = StoreSource { root };
+    let src = StoreSource { store: &bs };
     let mut problems = Vec::new();
     let mut images = Vec::new();
-    for name in selection(t, &args.images)? {
+    for name in selection(t, &bs, &args.images)? {
         let full = pins::format(&name);
-        let (digest, media_type) = match resolve(root, &name) {
+        let (digest, media_type) = match resolve(&bs, &name) {
             Ok(r) => r,
             Err(p) => {
                 problems.push(format!("{full}: {p}"));
@@ -150,7 +151,7 @@ pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result
             })
             .collect(),
     };
-    write_bundle(root, &args.out, &info, &index, &blobs)?;
+    write_bundle(&src, &args.out, &info, &index, &blobs)?;
 
     let what = match args.since {
         Some(s) => format!("changes since {s}"),
@@ -174,14 +175,21 @@ pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result
 }
 
 /// The images to export, named as the store names them: the arguments, else every pin.
-fn selection(t: &Target, images: &[String]) -> Result<Vec<PinConfig>, ExportError> {
+fn selection(
+    t: &Target,
+    bs: &BlockingStore,
+    images: &[String],
+) -> Result<Vec<PinConfig>, ExportError> {
     let names: Vec<PinConfig> = if images.is_empty() {
         let mut p = t
             .config
             .as_ref()
             .map(|c| c.pins.clone())
             .unwrap_or_default();
-        p.extend(pins::load(&t.root).map_err(io_ctx("cannot read the store's pins"))?);
+        p.extend(
+            bs.wait(bs.store().recorded_pins())
+                .map_err(io_ctx("cannot read the store's pins"))?,
+        );
         if p.is_empty() {
             return Err(ExportError::Usage(
                 "nothing to export: no IMAGE given and no image is pinned (pin with [[pin]] in the configuration or `entrepot prefetch`)".to_string(),
@@ -206,32 +214,36 @@ fn selection(t: &Target, images: &[String]) -> Result<Vec<PinConfig>, ExportErro
 }
 
 /// The stored manifest an image name points at, and its media type.
-fn resolve(root: &Path, name: &PinConfig) -> Result<(Digest, String), String> {
+fn resolve(bs: &BlockingStore, name: &PinConfig) -> Result<(Digest, String), String> {
+    let meta = bs.store().meta();
     let (digest, media_type) = match &name.reference {
         Reference::Tag(tag) => {
-            let path = tags::record_path(root, &name.upstream, &name.repo, tag);
-            let text = std::fs::read(&path).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => {
+            let key = layout::tag(&name.upstream, &name.repo, tag);
+            let text = bs
+                .wait(meta.get(&key))
+                .map_err(|e| format!("cannot read {key}: {e}"))?
+                .ok_or_else(|| {
                     "not in the store (no tag record; pull it or `entrepot prefetch` it)"
                         .to_string()
-                }
-                _ => format!("cannot read {}: {e}", path.display()),
-            })?;
+                })?;
             let rec: tags::TagRecord = serde_json::from_slice(&text)
-                .map_err(|e| format!("unreadable tag record {}: {e}", path.display()))?;
+                .map_err(|e| format!("unreadable tag record {key}: {e}"))?;
             let digest: Digest = rec
                 .digest
                 .parse()
-                .map_err(|e| format!("tag record {}: {e}", path.display()))?;
+                .map_err(|e| format!("tag record {key}: {e}"))?;
             (digest, Some(rec.media_type).filter(|m| !m.is_empty()))
         }
         Reference::Digest(d) => (d.clone(), None),
     };
-    let stored_type = std::fs::read_to_string(manifests::meta_path(root, &digest))
-        .map_err(|_| format!("manifest {digest} is not in the store"))?;
+    let stored_type = bs
+        .wait(meta.get(&layout::manifest_type(&digest)))
+        .ok()
+        .flatten()
+        .ok_or_else(|| format!("manifest {digest} is not in the store"))?;
     Ok((
         digest,
-        media_type.unwrap_or_else(|| stored_type.trim().to_string()),
+        media_type.unwrap_or_else(|| String::from_utf8_lossy(&stored_type).trim().to_string()),
     ))
 }
 
@@ -327,7 +339,7 @@ fn file_header(size: u64, mtime: u64) -> tar::Header {
 }
 
 fn write_bundle(
-    root: &Path,
+    src: &StoreSource<'_>,
     out: &Path,
     info: &BundleInfo,
     index: &Index,
@@ -355,14 +367,12 @@ fn write_bundle(
             .map_err(io_ctx(out_ctx()))?;
     }
     for digest in blobs.blobs.keys() {
-        let path = blob_path(root, digest);
-        let file = File::open(&path).map_err(io_ctx(format!(
-            "cannot read {digest} from the store (evicted while exporting?)"
-        )))?;
-        let len = file
-            .metadata()
-            .map_err(io_ctx(format!("cannot read {}", path.display())))?
-            .len();
+        let gone = || format!("cannot read {digest} from the store (evicted while exporting?)");
+        let len = src
+            .size(digest)
+            .map_err(io_ctx(gone()))?
+            .ok_or_else(|| io_ctx(gone())(io::ErrorKind::NotFound.into()))?;
+        let file = src.open(digest).map_err(io_ctx(gone()))?;
         // tar copies through `&mut dyn Read` in 8 KiB reads: buffer the file below the hasher
         // so the disk sees large reads.
         let mut reader = HashingReader {

@@ -2,7 +2,7 @@
 //! extracted into `<root>/tmp/import-*` ([`Staging`]), every named image is walked complete, and
 //! only then do blobs, manifest types, tags and pins enter the store, in that order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -13,22 +13,15 @@ use serde::Deserialize;
 
 use super::closure::{descriptor_name, walk, Closure, Index, Source, StoreSource, WalkError};
 use super::{
-    blob_path, check_end, entry_name, imp_io, manifest_cap, unix_now, BundleInfo, ImportArgs,
-    ImportError, Problem, BUNDLE_FILE, COPY_BUF, FORMAT, FORMAT_VERSION, INDEX_FILE, LAYOUT_FILE,
+    check_end, entry_name, imp_io, manifest_cap, BundleInfo, ImportArgs, ImportError, Problem,
+    BUNDLE_FILE, COPY_BUF, FORMAT, FORMAT_VERSION, INDEX_FILE, LAYOUT_FILE,
 };
-use crate::cache::journal::{Entry, Journal};
-use crate::cache::{manifests, pins, tags};
+use crate::cache::temp::TempFile;
+use crate::cache::{layout, pins};
 use crate::config::PinConfig;
-use crate::oci::{Algorithm, Digest, Hasher, Reference};
+use crate::oci::{Digest, Hasher, Reference};
+use crate::tools::blocking::BlockingStore;
 use crate::tools::maintenance::{human_size, Target};
-
-fn exists(path: &Path) -> io::Result<bool> {
-    match std::fs::metadata(path) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
-}
 
 pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let target = args.store.target()?;
@@ -64,6 +57,8 @@ struct Staged {
 /// (and the store folders it had to create); `commit` moves them into the store.
 struct Staging {
     root: PathBuf,
+    /// The store, when it existed before this import (blobs it has need not be staged).
+    store: Option<BlockingStore>,
     dir: PathBuf,
     /// Folders created for this import, removed again (if empty) when it is refused.
     created: Vec<PathBuf>,
@@ -112,8 +107,17 @@ impl Staging {
             std::process::id(),
             STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        let store = if root.join(layout::BLOBS).is_dir() {
+            Some(
+                BlockingStore::open_beside(root)
+                    .map_err(imp_io(format!("cannot open the store {}", root.display())))?,
+            )
+        } else {
+            None
+        };
         let staging = Staging {
             root: root.to_path_buf(),
+            store,
             dir: dir.clone(),
             created,
             blobs: BTreeMap::new(),
@@ -192,8 +196,12 @@ impl Staging {
         size: u64,
         digest: Digest,
     ) -> Result<(), ImportError> {
-        let in_store = exists(&blob_path(&self.root, &digest))
-            .map_err(imp_io(format!("cannot read {}", self.root.display())))?;
+        let in_store = match &self.store {
+            Some(s) => s
+                .wait(s.store().has_blob(&digest))
+                .map_err(imp_io(format!("cannot read {}", self.root.display())))?,
+            None => false,
+        };
         let dest = self
             .dir
             .join(format!("{}-{}", digest.algorithm().as_str(), digest.hex()));
@@ -270,19 +278,24 @@ struct ImportSource<'a> {
 
 impl Source for ImportSource<'_> {
     fn size(&self, d: &Digest) -> io::Result<Option<u64>> {
-        match self.staging.blobs.get(d) {
-            Some(s) => Ok(Some(s.size)),
-            None => StoreSource {
-                root: &self.staging.root,
-            }
-            .size(d),
+        match (self.staging.blobs.get(d), &self.staging.store) {
+            (Some(s), _) => Ok(Some(s.size)),
+            (None, Some(store)) => StoreSource { store }.size(d),
+            (None, None) => Ok(None),
         }
     }
 
-    fn open(&self, d: &Digest) -> io::Result<File> {
-        match self.staging.blobs.get(d).and_then(|s| s.file.as_ref()) {
-            Some(path) => File::open(path),
-            None => File::open(blob_path(&self.staging.root, d)),
+    fn open(&self, d: &Digest) -> io::Result<Box<dyn Read>> {
+        match (
+            self.staging.blobs.get(d).and_then(|s| s.file.as_ref()),
+            &self.staging.store,
+        ) {
+            (Some(path), _) => Ok(Box::new(File::open(path)?)),
+            (None, Some(store)) => StoreSource { store }.open(d),
+            (None, None) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{d} is neither in the bundle nor in the store"),
+            )),
         }
     }
 }
@@ -471,110 +484,75 @@ impl Staging {
     /// Moves the verified blobs of `closure` into the store and records manifests, tags and
     /// pins, appending a journal entry for each addition.
     fn commit(mut self, closure: &Closure, images: &[Incoming]) -> Result<Committed, ImportError> {
-        let root = self.root.clone();
-        let mk = |p: &Path| {
-            std::fs::create_dir_all(p).map_err(imp_io(format!("cannot create {}", p.display())))
+        let bs = match self.store.take() {
+            Some(bs) => bs,
+            None => {
+                // A new store: its folders are made here (the filesystem backend creates them).
+                crate::cache::backend::fs::Fs::open(&self.root).map_err(imp_io(format!(
+                    "cannot create the store {}",
+                    self.root.display()
+                )))?;
+                BlockingStore::open_beside(&self.root).map_err(imp_io(format!(
+                    "cannot open the store {}",
+                    self.root.display()
+                )))?
+            }
         };
-        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
-            mk(&root.join("blobs").join(alg.as_str()))?;
-            mk(&root.join("meta/manifests").join(alg.as_str()))?;
-        }
-        mk(&root.join("meta/tags"))?;
         // From here on the store changes: the folders stay whatever happens.
         self.created.clear();
-        let journal = Journal::open(&root).map_err(imp_io("cannot open the store's journal"))?;
-        let append = |e: Entry| {
-            journal
-                .append(e)
-                .map(|_| ())
-                .map_err(imp_io("cannot append to the store's journal"))
-        };
+        let store = bs.store();
         let mut done = Committed::default();
 
-        let mut touched = BTreeSet::new();
         for (digest, size) in &closure.blobs {
-            let dest = blob_path(&root, digest);
-            match self.blobs.get(digest).and_then(|s| s.file.as_ref()) {
-                Some(staged) if !exists(&dest).unwrap_or(false) => {
-                    std::fs::rename(staged, &dest)
+            let staged = self.blobs.get_mut(digest).and_then(|s| s.file.take());
+            let present = bs
+                .wait(store.has_blob(digest))
+                .map_err(imp_io(format!("cannot read {}", self.root.display())))?;
+            match staged {
+                Some(path) if !present => {
+                    let spool = TempFile::adopt(path)
+                        .map_err(imp_io(format!("cannot open the staged {digest}")))?;
+                    bs.wait(store.blobs().commit(digest, spool))
                         .map_err(imp_io(format!("cannot move {digest} into the store")))?;
-                    touched.insert(digest.algorithm());
-                    append(Entry::Blob {
-                        digest: digest.to_string(),
-                    })?;
+                    store.committed(digest, *size);
                     done.new_blobs += 1;
                     done.new_bytes += size;
                 }
                 _ => done.present_blobs += 1,
             }
         }
-        for alg in touched {
-            let dir = root.join("blobs").join(alg.as_str());
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(imp_io(format!("cannot sync {}", dir.display())))?;
-        }
 
         for (digest, media_type) in &closure.manifests {
-            let meta = manifests::meta_path(&root, digest);
-            if exists(&meta).unwrap_or(false) {
-                continue;
-            }
-            write_atomic(&self.dir, &meta, media_type.as_bytes())
+            let recorded = bs
+                .wait(store.record_manifest_type(digest, media_type))
                 .map_err(imp_io(format!("cannot record the media type of {digest}")))?;
-            append(Entry::Manifest {
-                digest: digest.to_string(),
-                media_type: media_type.clone(),
-            })?;
-            done.manifests += 1;
+            if recorded {
+                done.manifests += 1;
+            }
         }
 
-        let fetched_at = unix_now();
         for i in images {
             let Reference::Tag(tag) = &i.name.reference else {
                 continue;
             };
-            let path = tags::record_path(&root, &i.name.upstream, &i.name.repo, tag);
-            let before = std::fs::read(&path)
-                .ok()
-                .and_then(|t| serde_json::from_slice::<tags::TagRecord>(&t).ok())
-                .map(|r| r.digest);
-            let rec = tags::TagRecord {
-                digest: i.digest.to_string(),
-                media_type: i.media_type.clone(),
-                size: i.size,
-                fetched_at,
-            };
-            tags::write_record(&root, &i.name.upstream, &i.name.repo, tag, &rec).map_err(
-                imp_io(format!("cannot record the tag {}", pins::format(&i.name))),
-            )?;
+            let upstream: std::sync::Arc<str> = i.name.upstream.as_str().into();
+            bs.wait(store.tags.put(
+                &upstream,
+                &i.name.repo,
+                tag,
+                i.digest.clone(),
+                i.media_type.clone(),
+                i.size,
+            ))
+            .map_err(imp_io(format!(
+                "cannot record the tag {}",
+                pins::format(&i.name)
+            )))?;
             done.tags += 1;
-            if before.as_deref() != Some(rec.digest.as_str()) {
-                append(Entry::Tag {
-                    upstream: i.name.upstream.clone(),
-                    repo: i.name.repo.to_string(),
-                    tag: tag.to_string(),
-                    digest: rec.digest,
-                    media_type: rec.media_type,
-                    size: rec.size,
-                })?;
-            }
         }
         let names: Vec<PinConfig> = images.iter().map(|i| i.name.clone()).collect();
-        pins::add(&root, &names).map_err(imp_io("cannot record the pins"))?;
+        bs.wait(store.add_pins(&names))
+            .map_err(imp_io("cannot record the pins"))?;
         Ok(done)
     }
-}
-
-/// Writes `data` to `dest` through a temp file in `tmp` and a rename.
-fn write_atomic(tmp: &Path, dest: &Path, data: &[u8]) -> io::Result<()> {
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let t = tmp.join(format!(
-        "meta-{}",
-        STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::write(&t, data)?;
-    std::fs::rename(&t, dest)
 }

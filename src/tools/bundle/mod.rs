@@ -175,18 +175,9 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-fn blob_path(root: &Path, d: &Digest) -> PathBuf {
-    root.join("blobs")
-        .join(d.algorithm().as_str())
-        .join(d.hex())
-}
-
 /// The configured name of the upstream `name` selects (an alias maps to its upstream).
 fn upstream_name(t: &Target, name: &str) -> String {
-    t.config
-        .as_ref()
-        .and_then(|c| c.upstreams.iter().find(|u| u.matches(name)))
-        .map_or_else(|| name.to_string(), |u| u.name.clone())
+    t.upstream_name(name)
 }
 
 fn manifest_cap(t: &Target) -> u64 {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use crate::cache::pins;
+use crate::cache::{pins, Store};
 use crate::config::{parse_image_ref, Config, PinConfig};
 use crate::oci::Digest;
 use fetcher::{error_chain, response_error, Fetcher};
@@ -257,12 +257,9 @@ async fn prefetch(args: PrefetchArgs, requested: Vec<Requested>) -> anyhow::Resu
                     }
                 }
             });
-            let root = config.storage.root.clone();
             ui.early_failures(&requested, &failed);
-            (
-                direct(config, todo, opts, jobs, &ui).await?,
-                PinTo::Store(root),
-            )
+            let (outcomes, store) = direct(config, todo, opts, jobs, &ui).await?;
+            (outcomes, PinTo::Store(store))
         }
         Some(server) => {
             let base = server.as_str().trim_end_matches('/').to_string();
@@ -322,7 +319,7 @@ async fn direct(
     opts: Options,
     jobs: usize,
     ui: &Ui,
-) -> anyhow::Result<Vec<ImageOutcome>> {
+) -> anyhow::Result<(Vec<ImageOutcome>, Arc<Store>)> {
     let server = crate::Server::new(config)?;
     let store = server.store();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -342,19 +339,22 @@ async fn direct(
         .context("the embedded server failed")?;
     // The server said it stored them; make sure before pinning.
     for o in outcomes.iter_mut().filter(|o| o.result.is_ok()) {
-        if let Some(d) = o.digests.iter().find(|d| !store.blob_path(d).is_file()) {
-            o.result = Err(format!(
-                "{d} was fetched but is not in the store (see the log for storage errors)"
-            ));
+        for d in &o.digests {
+            if !store.has_blob(d).await? {
+                o.result = Err(format!(
+                    "{d} was fetched but is not in the store (see the log for storage errors)"
+                ));
+                break;
+            }
         }
     }
-    Ok(outcomes)
+    Ok((outcomes, store))
 }
 
 /// Where the pins of the prefetched images are recorded.
 enum PinTo {
-    /// `<root>/meta/pins`, directly.
-    Store(PathBuf),
+    /// The store's pins, directly (the store is still held, and locked).
+    Store(Arc<Store>),
     /// `POST <url>/pins` (the server's operator endpoints).
     Server(reqwest::Client, String),
 }
@@ -362,12 +362,10 @@ enum PinTo {
 impl PinTo {
     async fn pin(self, pins: &[PinConfig]) -> anyhow::Result<()> {
         match self {
-            PinTo::Store(root) => {
-                let pins = pins.to_vec();
-                tokio::task::spawn_blocking(move || pins::add(&root, &pins))
-                    .await?
-                    .context("could not record the pins")
-            }
+            PinTo::Store(store) => store
+                .add_pins(pins)
+                .await
+                .context("could not record the pins"),
             PinTo::Server(http, base) => post_pins(&http, &base, pins).await,
         }
     }

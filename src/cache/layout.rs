@@ -1,0 +1,108 @@
+//! The store's layout: every key (an object key under S3, a path under the store root on
+//! disk) is spelled here and nowhere else.
+//!
+//! ```text
+//! blobs/<alg>/<hex>                         verified content (layers, configs, manifests)
+//! meta/manifests/<alg>/<hex>                a stored manifest's media type
+//! meta/tags/<upstream>/<repo>/_tags/<tag>   tag → digest, media type, size, fetched-at
+//! meta/pins                                 pins recorded by prefetch and import
+//! meta/access                               last use of each blob (use stamps)
+//! meta/journal                              commits, one JSON line each
+//! meta/generation                           bumped by tools that remove content
+//! ```
+//!
+//! Local to one process (never in an object store): `tmp/` (fills in progress, emptied at
+//! start-up), `lock`, and `quarantine/` (blobs `cache verify` found corrupt).
+//!
+//! Keys are built only from validated names (digests, repository names, tags, upstream names),
+//! which cannot contain `..`, empty components or a leading `/`, so no key escapes the store.
+//! `_tags` cannot be a repository component (components start with a letter or digit).
+
+use std::path::{Path, PathBuf};
+
+use crate::oci::{Digest, RepoName, Tag};
+
+pub const BLOBS: &str = "blobs/";
+pub const MANIFESTS: &str = "meta/manifests/";
+pub const TAGS: &str = "meta/tags/";
+pub const PINS: &str = "meta/pins";
+pub const ACCESS: &str = "meta/access";
+pub const JOURNAL: &str = "meta/journal";
+pub const GENERATION: &str = "meta/generation";
+
+const TAGS_FOLDER: &str = "/_tags/";
+
+/// `blobs/<alg>/<hex>`
+pub fn blob(d: &Digest) -> String {
+    format!("{BLOBS}{}/{}", d.algorithm().as_str(), d.hex())
+}
+
+/// `meta/manifests/<alg>/<hex>`: present once a manifest is stored (bytes first).
+pub fn manifest_type(d: &Digest) -> String {
+    format!("{MANIFESTS}{}/{}", d.algorithm().as_str(), d.hex())
+}
+
+/// `meta/tags/<upstream>/<repo>/_tags/<tag>`
+pub fn tag(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
+    format!("{TAGS}{upstream}/{repo}{TAGS_FOLDER}{tag}")
+}
+
+/// The digest a `blobs/...` or `meta/manifests/...` key names.
+pub fn parse_digest_key(key: &str) -> Option<Digest> {
+    let rest = key
+        .strip_prefix(BLOBS)
+        .or_else(|| key.strip_prefix(MANIFESTS))?;
+    let (alg, hex) = rest.split_once('/')?;
+    format!("{alg}:{hex}").parse().ok()
+}
+
+/// `(upstream, repository, tag)` of a tag key.
+pub fn parse_tag_key(key: &str) -> Option<(String, RepoName, Tag)> {
+    let rest = key.strip_prefix(TAGS)?;
+    let (upstream, rest) = rest.split_once('/')?;
+    let (repo, tag) = rest.rsplit_once(TAGS_FOLDER)?;
+    Some((upstream.to_owned(), repo.parse().ok()?, tag.parse().ok()?))
+}
+
+/// Where a key lives under a store folder.
+pub fn path(root: &Path, key: &str) -> PathBuf {
+    root.join(key)
+}
+
+/// Fills in progress and other files being written (same file system as `blobs/`, so a commit
+/// is a rename).
+pub fn tmp_dir(root: &Path) -> PathBuf {
+    root.join("tmp")
+}
+
+/// The lock one process holds on a store folder.
+pub fn lock_file(root: &Path) -> PathBuf {
+    root.join("lock")
+}
+
+/// Where `cache verify` moves blobs that do not match their digest.
+pub fn quarantine_dir(root: &Path) -> PathBuf {
+    root.join("quarantine")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let d = Digest::sha256_of(b"x");
+        assert_eq!(blob(&d), format!("blobs/sha256/{}", d.hex()));
+        assert_eq!(parse_digest_key(&blob(&d)), Some(d.clone()));
+        assert_eq!(parse_digest_key(&manifest_type(&d)), Some(d.clone()));
+        assert_eq!(parse_digest_key("blobs/md5/abc"), None);
+        assert_eq!(parse_digest_key("meta/pins"), None);
+
+        let repo: RepoName = "library/alpine".parse().unwrap();
+        let t: Tag = "3.20".parse().unwrap();
+        let key = tag("docker.io", &repo, &t);
+        assert_eq!(key, "meta/tags/docker.io/library/alpine/_tags/3.20");
+        assert_eq!(parse_tag_key(&key), Some(("docker.io".into(), repo, t)));
+        assert_eq!(parse_tag_key("meta/tags/u/_tags/x"), None);
+    }
+}
