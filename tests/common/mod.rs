@@ -8,9 +8,11 @@
 pub mod auth_e2e;
 pub mod clients;
 pub mod fake_registry;
+pub mod garage;
 pub mod oci_e2e;
 pub mod proxy;
 pub mod real;
+pub mod s3_relay;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
