@@ -18,14 +18,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache::Store;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::http::{self, AppState};
 use crate::upstream::Upstreams;
 
 /// How often histogram buckets of the metrics recorder are rolled over.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
-/// How often the server checks whether `entrepot cache` changed the store behind its back.
-const STORE_GENERATION_CHECK: Duration = Duration::from_millis(500);
 
 /// After the grace period, how long cancelled fills get to clean up their temp files.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
@@ -48,6 +46,37 @@ pub struct Server {
     stopping: CancellationToken,
 }
 
+/// The store of the configured backend.
+fn open_store(
+    config: &Config,
+    clock: &Clock,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> io::Result<Store> {
+    let storage = &config.storage;
+    match &storage.backend {
+        StorageBackend::Fs => Store::open(
+            &storage.root,
+            storage.max_size,
+            clock.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        ),
+        StorageBackend::S3(s3) => {
+            let bucket = Arc::new(crate::cache::backend::s3::S3::new(s3)?);
+            Store::with_backends(
+                &storage.root,
+                bucket.clone(),
+                bucket,
+                storage.max_size,
+                clock.clone(),
+                tracker.clone(),
+                cancel.clone(),
+            )
+        }
+    }
+}
+
 impl Server {
     /// Opens the store (emptying its temp folder) and builds the upstream clients. Contacts no
     /// upstream: entrepot starts and serves its cache when every upstream is unreachable.
@@ -55,17 +84,11 @@ impl Server {
         let clock = Clock::default();
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let store = Store::open(
-            &config.storage.root,
-            config.storage.max_size,
-            clock.clone(),
-            tracker.clone(),
-            cancel.clone(),
-        )
-        .map_err(|source| StartError::Store {
-            root: config.storage.root.display().to_string(),
-            source,
-        })?;
+        let store =
+            open_store(&config, &clock, &tracker, &cancel).map_err(|source| StartError::Store {
+                root: config.storage.root.display().to_string(),
+                source,
+            })?;
         let upstreams = Upstreams::new(&config.upstreams, clock.clone(), config.server.offline)?;
         let metrics = crate::metrics::install();
         crate::metrics::cache_max(config.storage.max_size);
@@ -205,12 +228,10 @@ impl Server {
             names,
             self.stopping.clone(),
         ));
-        self.tracker.spawn(
-            self.state
-                .store
-                .clone()
-                .watch_generation(STORE_GENERATION_CHECK, self.stopping.clone()),
-        );
+        let store = self.state.store.clone();
+        let every = store.generation_check_interval();
+        self.tracker
+            .spawn(store.watch_generation(every, self.stopping.clone()));
         let handle = self.state.metrics.clone();
         let stopping = self.stopping.clone();
         self.tracker.spawn(async move {

@@ -8,11 +8,13 @@
 //! config.rs    TOML → validated Config; built-in defaults for well-known registries
 //! error.rs     ApiError: the one place errors become HTTP status + OCI error JSON
 //! clock.rs     the clock tag TTLs and token expiry are measured with
+//! tls.rs       the process's rustls crypto provider (ring), installed before any client
 //! oci/         protocol only, no I/O: names, references, digests, routes, media types, ranges
 //! http/        router, blob and manifest handlers, forwarded endpoints, access log, /metrics
 //! metrics.rs   Prometheus metric names and recording
 //! cache/       the store: blob lookup, fills and followers, temp files, manifests, tag index,
-//!              usage (access times, readers), inventory and eviction
+//!              usage (use stamps, readers), inventory and eviction; layout.rs spells every
+//!              key; backend/ is the storage seam (fs, s3, memory)
 //! upstream/    upstream selection, registry client, bearer/basic auth, token cache
 //! tools/       beside the server: prefetch, export/import bundles, `cache ls|rm|verify|gc`
 //! ```
@@ -33,6 +35,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod oci;
+pub mod tls;
 pub mod tools;
 pub mod upstream;
 

@@ -21,6 +21,8 @@ pub const CACHE_ENTRIES: &str = "entrepot_cache_entries";
 pub const EVICTIONS: &str = "entrepot_evictions_total";
 pub const EVICTED_BYTES: &str = "entrepot_evicted_bytes_total";
 pub const STORAGE_ERRORS: &str = "entrepot_storage_errors_total";
+const S3_ABORTED_UPLOADS: &str = "entrepot_s3_aborted_uploads_total";
+const BUCKET_FILLS: &str = "entrepot_bucket_fills_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -96,6 +98,14 @@ fn describe() {
         STORAGE_ERRORS,
         "Store write failures (clients were served from upstream)."
     );
+    describe_counter!(
+        S3_ABORTED_UPLOADS,
+        "Multipart uploads to the bucket aborted after an error (nothing became visible)."
+    );
+    describe_counter!(
+        BUCKET_FILLS,
+        "Blobs copied from the bucket into this replica's local tier (no upstream request)."
+    );
 }
 
 pub fn request(upstream: &str, kind: &'static str, outcome: &'static str, status: u16, bytes: u64) {
@@ -148,4 +158,12 @@ pub fn evicted(blobs: u64, bytes: u64) {
 
 pub fn storage_error() {
     counter!(STORAGE_ERRORS).increment(1);
+}
+
+pub fn s3_upload_aborted() {
+    counter!(S3_ABORTED_UPLOADS).increment(1);
+}
+
+pub fn bucket_fill() {
+    counter!(BUCKET_FILLS).increment(1);
 }

@@ -16,7 +16,7 @@ use common::proxy::Proxy;
 use common::{random_bytes, sha256_digest, upstream, OCI_INDEX, OCI_MANIFEST};
 use entrepot::cache::inventory::Inventory;
 use entrepot::cache::{journal, layout, pins};
-use entrepot::config::parse_image_ref;
+use entrepot::config::{parse_image_ref, StorageBackend};
 use entrepot::tools::blocking::BlockingStore;
 use entrepot::{Config, Server};
 use tokio::sync::oneshot;
@@ -116,7 +116,7 @@ struct Content {
 /// runtime, which an async test's thread cannot).
 fn with_store<T: Send>(root: &Path, f: impl FnOnce(&BlockingStore) -> T + Send) -> T {
     std::thread::scope(|s| {
-        s.spawn(|| f(&BlockingStore::open_beside(root).unwrap()))
+        s.spawn(|| f(&BlockingStore::open_beside(root, &StorageBackend::Fs).unwrap()))
             .join()
             .unwrap()
     })

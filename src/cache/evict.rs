@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::backend::Blobs as _;
 use super::inventory::{Inventory, TagRef};
 use super::Store;
 use crate::config::{PinConfig, StorageConfig};
@@ -164,6 +165,10 @@ async fn sweep_once(
     pins: &[PinConfig],
     upstream_names: &Arc<dyn Fn(&str) -> String + Send + Sync>,
 ) -> io::Result<()> {
+    if store.is_tiered() {
+        sweep_temp(store, cfg.sweep_interval).await;
+        return sweep_tier(store, cfg).await;
+    }
     let inv = Inventory::load(store).await?;
     store
         .usage
@@ -209,6 +214,44 @@ async fn sweep_once(
             "store still above its low-water mark: the rest is pinned or in use"
         );
     }
+    Ok(())
+}
+
+/// Keeps the local tier in front of shared storage under `storage.max_size`: least recently
+/// used local copies go first (shared storage still has them, so there is no image to keep
+/// whole); copies being read or filled stay.
+async fn sweep_tier(store: &Arc<Store>, cfg: &StorageConfig) -> io::Result<()> {
+    let local = store.local().list().await?;
+    let total: u64 = local.iter().map(|b| b.size).sum();
+    store.usage.set_totals(total, local.len() as u64);
+    let (Some(max), Some(low)) = (cfg.max_size, cfg.low_water) else {
+        return Ok(());
+    };
+    if total <= max {
+        return Ok(());
+    }
+    let in_use = store.usage.in_use();
+    let mut order: Vec<(u64, &super::backend::BlobInfo)> = local
+        .iter()
+        .filter(|b| !in_use.contains(&b.digest))
+        .map(|b| (store.usage.last_use(&b.digest).unwrap_or(b.committed_ms), b))
+        .collect();
+    order.sort_by_key(|(used, b)| (*used, b.digest.clone()));
+    let (mut freed, mut gone) = (0, Vec::new());
+    for (_, b) in order {
+        if total - freed <= low {
+            break;
+        }
+        freed += b.size;
+        gone.push(b.digest.clone());
+    }
+    store.drop_local(&gone, freed).await?;
+    tracing::info!(
+        before = total,
+        after = total - freed,
+        blobs = gone.len(),
+        "evicted least recently used local copies"
+    );
     Ok(())
 }
 

@@ -22,12 +22,35 @@ use super::{InProgress, Store};
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
 
-/// Where a fill gets its bytes.
+/// The upstream a fill is for (its bytes come from there, or from shared storage when that
+/// has them; a follower whose fill lost its storage continues from there).
 #[derive(Clone)]
 pub struct FillSource {
     pub upstream: Arc<Upstream>,
     pub repo: RepoName,
 }
+
+/// Where a fill reads its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The upstream registry.
+    Upstream,
+    /// Shared storage (the bucket) has the blob, of this size: it is copied into the local
+    /// tier, verified like any other fill.
+    Shared { size: u64 },
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Upstream => "upstream",
+            Origin::Shared { .. } => "shared storage",
+        }
+    }
+}
+
+/// How much of a blob one read from shared storage asks for.
+const SHARED_READ: u64 = 8 << 20;
 
 /// What followers see of a fill.
 #[derive(Clone)]
@@ -65,6 +88,7 @@ pub enum FillError {
 pub struct Fill {
     pub digest: Digest,
     source: FillSource,
+    origin: Origin,
     progress: watch::Receiver<Progress>,
     temp_name: std::sync::OnceLock<String>,
     tail: Mutex<Tail>,
@@ -85,6 +109,10 @@ impl Fill {
 
     pub fn source(&self) -> &FillSource {
         &self.source
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
     }
 
     /// How many requests this fill has served so far (the first and every joiner).
@@ -140,20 +168,35 @@ impl Fill {
 }
 
 /// Creates the fill and the sender of its progress (for the task that will run it).
-pub(super) fn new_fill(digest: Digest, source: FillSource) -> (Arc<Fill>, watch::Sender<Progress>) {
-    new_fill_keeping(digest, source, TAIL_KEEP)
+pub(super) fn new_fill(
+    digest: Digest,
+    source: FillSource,
+    origin: Origin,
+) -> (Arc<Fill>, watch::Sender<Progress>) {
+    new_fill_with(digest, source, origin, TAIL_KEEP)
 }
 
-/// [`new_fill`] with `keep` written bytes held in memory (small in tests).
+/// A fill from the upstream with `keep` written bytes held in memory (small in tests).
+#[cfg(test)]
 pub(super) fn new_fill_keeping(
     digest: Digest,
     source: FillSource,
+    keep: usize,
+) -> (Arc<Fill>, watch::Sender<Progress>) {
+    new_fill_with(digest, source, Origin::Upstream, keep)
+}
+
+fn new_fill_with(
+    digest: Digest,
+    source: FillSource,
+    origin: Origin,
     keep: usize,
 ) -> (Arc<Fill>, watch::Sender<Progress>) {
     let (tx, rx) = watch::channel(Progress::Connecting);
     let fill = Arc::new(Fill {
         digest,
         source,
+        origin,
         progress: rx,
         temp_name: std::sync::OnceLock::new(),
         tail: Mutex::new(Tail::new(keep)),
@@ -195,7 +238,7 @@ fn storage_error(e: io::Error) -> FillError {
 
 /// Fetch, write, hash, verify, commit. Returns the blob's size.
 async fn fill_blob(
-    store: &Store,
+    store: &Arc<Store>,
     fill: &Fill,
     tx: &watch::Sender<Progress>,
 ) -> Result<u64, FillError> {
@@ -207,27 +250,17 @@ async fn fill_blob(
         .await
         .map_err(storage_error)?;
     let _ = fill.temp_name.set(temp.name());
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
-    let resp = up
-        .send(&UpstreamRequest {
-            method: Method::GET,
-            repo: &fill.source.repo,
-            path: format!("blobs/{digest}"),
-            query: None,
-            headers,
-            streaming: true,
-        })
-        .await?;
-    if resp.status() != http::StatusCode::OK {
-        return Err(up
-            .error(UpstreamErrorKind::Status(resp.status().as_u16()))
-            .into());
-    }
-    let total = resp.content_length();
+    let (total, mut stream) = match fill.origin {
+        Origin::Upstream => from_upstream(fill).await?,
+        Origin::Shared { size } => (Some(size), from_shared(store.clone(), digest.clone(), size)),
+    };
+    // What the source did wrong: the upstream's fault, or (shared storage) ours.
+    let bad_source = |kind: UpstreamErrorKind| -> FillError {
+        match fill.origin {
+            Origin::Upstream => up.error(kind).into(),
+            Origin::Shared { .. } => FillError::Storage(format!("shared copy: {kind}").into()),
+        }
+    };
     let file = temp.file().clone();
     tx.send_replace(Progress::Streaming {
         file: file.clone(),
@@ -235,7 +268,6 @@ async fn fill_blob(
         written: 0,
     });
 
-    let mut stream = resp.bytes_stream();
     let mut hasher = Some(Hasher::new(digest.algorithm()));
     let mut batch: Vec<Bytes> = Vec::new();
     let mut hashing: Option<Blocking<(Hasher, Vec<Bytes>)>> = None;
@@ -297,13 +329,13 @@ async fn fill_blob(
                 Some(Ok(c)) if c.is_empty() => {}
                 Some(Ok(c)) => {
                     if total.is_some_and(|t| received + c.len() as u64 > t) {
-                        return Err(up
-                            .error(UpstreamErrorKind::Protocol(
-                                "blob longer than its Content-Length",
-                            ))
-                            .into());
+                        return Err(bad_source(UpstreamErrorKind::Protocol(
+                            "blob longer than its Content-Length",
+                        )));
                     }
-                    crate::metrics::upstream_bytes(up.name(), c.len() as u64);
+                    if fill.origin == Origin::Upstream {
+                        crate::metrics::upstream_bytes(up.name(), c.len() as u64);
+                    }
                     received += c.len() as u64;
                     fill.receive(c.clone());
                     batch.push(c);
@@ -313,36 +345,94 @@ async fn fill_blob(
                         }
                     });
                 }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "upstream body error");
-                    return Err(up.error(UpstreamErrorKind::Truncated).into());
-                }
+                Some(Err(e)) => return Err(e),
             },
         }
     }
     let written = received;
     let actual = hasher.take().expect("no batch hashing at the end").finish();
     if total.is_some_and(|t| t != written) {
-        return Err(up.error(UpstreamErrorKind::Truncated).into());
+        return Err(bad_source(UpstreamErrorKind::Truncated));
     }
     if &actual != digest {
-        return Err(up.error(UpstreamErrorKind::DigestMismatch).into());
+        if let Origin::Shared { .. } = fill.origin {
+            // A content-addressed object that does not match its address helps nobody.
+            tracing::error!(digest = %digest, actual = %actual, "the shared copy is corrupt; removing it");
+            let _ = store.blobs().delete(digest).await;
+        }
+        return Err(bad_source(UpstreamErrorKind::DigestMismatch));
     }
     // Verified: followers may finish now, while the data is made durable.
     tx.send_replace(Progress::Done {
         file,
         size: written,
     });
-    match store.blobs().commit(digest, temp).await {
-        Ok(()) => store.committed(digest, written),
-        Err(e) => {
-            // Every follower already has its verified bytes; only the cached copy is lost.
-            crate::metrics::storage_error();
-            tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
-        }
+    if let Err(e) = store.commit_fill(digest, temp, written, fill.origin).await {
+        // Every follower already has its verified bytes; only the cached copy is lost.
+        crate::metrics::storage_error();
+        tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
     }
     Ok(written)
 }
+
+/// Asks the upstream for the blob: its announced size and its body.
+async fn from_upstream(fill: &Fill) -> Result<(Option<u64>, ByteStream), FillError> {
+    let up = &fill.source.upstream;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let resp = up
+        .send(&UpstreamRequest {
+            method: Method::GET,
+            repo: &fill.source.repo,
+            path: format!("blobs/{}", fill.digest),
+            query: None,
+            headers,
+            streaming: true,
+        })
+        .await?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(up
+            .error(UpstreamErrorKind::Status(resp.status().as_u16()))
+            .into());
+    }
+    let total = resp.content_length();
+    let up = up.clone();
+    let body = resp.bytes_stream().map(move |r| {
+        r.map_err(|e| {
+            tracing::debug!(error = %e, "upstream body error");
+            FillError::from(up.error(UpstreamErrorKind::Truncated))
+        })
+    });
+    Ok((total, body.boxed()))
+}
+
+/// Reads the blob from shared storage, `SHARED_READ` bytes at a time (each read bounded by
+/// the backend's timeouts). A failed or short read is a storage failure: followers continue
+/// from the upstream.
+fn from_shared(store: Arc<Store>, digest: Digest, size: u64) -> ByteStream {
+    futures_util::stream::try_unfold(0u64, move |off| {
+        let (store, digest) = (store.clone(), digest.clone());
+        async move {
+            if off >= size {
+                return Ok(None);
+            }
+            let end = (off + SHARED_READ).min(size);
+            match store.blobs().read_range(&digest, off..end).await {
+                Ok(Some(b)) if b.len() as u64 == end - off => Ok(Some((b, end))),
+                Ok(_) => Err(FillError::Storage(
+                    "the shared copy vanished or is shorter than listed".into(),
+                )),
+                Err(e) => Err(storage_error(e)),
+            }
+        }
+    })
+    .boxed()
+}
+
+type ByteStream = futures_util::stream::BoxStream<'static, Result<Bytes, FillError>>;
 
 /// A blocking-pool task of the fill.
 type Blocking<T> = tokio::task::JoinHandle<T>;

@@ -11,7 +11,11 @@ use bytes::Bytes;
 
 /// Maps a whole stored blob. Empty files cannot be mapped and need not be.
 pub fn map_file(path: &Path) -> io::Result<Bytes> {
-    let file = File::open(path)?;
+    map(&File::open(path)?)
+}
+
+/// Maps a whole file that is complete and will not change (a verified blob or spool file).
+pub fn map(file: &File) -> io::Result<Bytes> {
     let len = file.metadata()?.len();
     if len == 0 {
         return Ok(Bytes::new());
@@ -22,7 +26,7 @@ pub fn map_file(path: &Path) -> io::Result<Bytes> {
     // could invalidate it, and nothing in entrepot does that. Measured reason for `unsafe`
     // here: warm blob serving without a read copy or a blocking-pool round trip per chunk.
     #[allow(unsafe_code)]
-    let map = unsafe { memmap2::Mmap::map(&file)? };
+    let map = unsafe { memmap2::Mmap::map(file)? };
     // Sequential readers are the common case; let the kernel read ahead.
     let _ = map.advise(memmap2::Advice::Sequential);
     Ok(Bytes::from_owner(map))

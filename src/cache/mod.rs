@@ -32,9 +32,13 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::config::PinConfig;
 use crate::oci::Digest;
+use backend::Blobs as _;
 pub use fill::{Fill, FillError, FillSource, Progress};
 pub use manifests::StoredManifest;
 pub use tags::{TagEntry, TagIndex};
+
+/// How long `/readyz` waits for shared storage.
+const SHARED_PROBE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How many blob mappings to keep. Mappings cost address space, not memory: their pages are
 /// the page cache's.
@@ -72,6 +76,18 @@ impl Drop for InProgress {
     }
 }
 
+/// What a store is made of.
+enum Storage {
+    /// A folder, which is both the store and the local copies.
+    Fs(Arc<backend::fs::Fs>),
+    /// Shared storage, with local copies in a folder.
+    Shared {
+        blobs: Arc<dyn backend::Blobs>,
+        meta: Arc<dyn backend::Meta>,
+        local: Arc<backend::fs::Fs>,
+    },
+}
+
 /// Empties the spool folder: what is there was left by a process that stopped mid-fill.
 fn empty_spool(root: &Path) -> io::Result<()> {
     let tmp = layout::tmp_dir(root);
@@ -96,8 +112,14 @@ pub struct Store {
     /// backend also the content.
     root: PathBuf,
     tmp: PathBuf,
+    /// Where content is kept for good: the folder (fs), or shared storage (s3).
     blobs: Arc<dyn backend::Blobs>,
     meta: Arc<dyn backend::Meta>,
+    /// This process's copies of blobs, served from mappings. With the fs backend it is the
+    /// store itself; with shared storage it is a bounded local tier in front of it.
+    local: Arc<backend::fs::Fs>,
+    /// `blobs` is shared storage behind the local tier.
+    tiered: bool,
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
     /// Bumped (under the `fills` lock) whenever a fill leaves the map, after its commit: a
     /// lookup that missed while a fill was committing sees it change and looks again.
@@ -133,11 +155,10 @@ impl Store {
         // Before anything else: the temp folder may belong to another live process.
         let store_lock = lock::acquire(root)?;
         empty_spool(root)?;
-        let fs = Arc::new(backend::fs::Fs::open(root)?);
+        let fs = Arc::new(backend::fs::Fs::at(root)?);
         Store::assemble(
             root,
-            fs.clone(),
-            fs,
+            Storage::Fs(fs),
             Some(store_lock),
             max_size,
             clock,
@@ -150,6 +171,33 @@ impl Store {
     /// (`entrepot cache`): no lock, and the spool is left alone. Removals it makes are announced
     /// with [`Store::bump_generation`].
     pub fn open_beside(root: &Path) -> io::Result<Store> {
+        Store::open_beside_with(root, &crate::config::StorageBackend::Fs)
+    }
+
+    /// [`Store::open_beside`] for the configured backend (with S3, `root` is only the spool
+    /// and local tier of this process).
+    pub fn open_beside_with(
+        root: &Path,
+        backend: &crate::config::StorageBackend,
+    ) -> io::Result<Store> {
+        if let crate::config::StorageBackend::S3(cfg) = backend {
+            std::fs::create_dir_all(root)?;
+            let s3 = Arc::new(backend::s3::S3::new(cfg)?);
+            let local = Arc::new(backend::fs::Fs::at(root)?);
+            return Store::assemble(
+                root,
+                Storage::Shared {
+                    blobs: s3.clone(),
+                    meta: s3,
+                    local,
+                },
+                None,
+                None,
+                Clock::default(),
+                TaskTracker::new(),
+                CancellationToken::new(),
+            );
+        }
         if !root.join(layout::BLOBS).is_dir() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -159,11 +207,10 @@ impl Store {
                 ),
             ));
         }
-        let fs = Arc::new(backend::fs::Fs::open(root)?);
+        let fs = Arc::new(backend::fs::Fs::at(root)?);
         Store::assemble(
             root,
-            fs.clone(),
-            fs,
+            Storage::Fs(fs),
             None,
             None,
             Clock::default(),
@@ -172,12 +219,14 @@ impl Store {
         )
     }
 
-    /// A store over other backends, with its spool and lock in `root` (tests use the memory
-    /// backend through this).
+    /// A store whose content lives in shared storage (`blobs`, `meta`: the S3 backend, or the
+    /// memory one in tests), with this process's spool, lock and local tier in `root`; the
+    /// tier is kept under `tier_max` bytes.
     pub fn with_backends(
         root: &Path,
         blobs: Arc<dyn backend::Blobs>,
         meta: Arc<dyn backend::Meta>,
+        tier_max: Option<u64>,
         clock: Clock,
         tracker: TaskTracker,
         cancel: CancellationToken,
@@ -185,23 +234,21 @@ impl Store {
         std::fs::create_dir_all(root)?;
         let store_lock = lock::acquire(root)?;
         empty_spool(root)?;
+        let local = Arc::new(backend::fs::Fs::at(root)?);
         Store::assemble(
             root,
-            blobs,
-            meta,
+            Storage::Shared { blobs, meta, local },
             Some(store_lock),
-            None,
+            tier_max,
             clock,
             tracker,
             cancel,
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn assemble(
         root: &Path,
-        blobs: Arc<dyn backend::Blobs>,
-        meta: Arc<dyn backend::Meta>,
+        storage: Storage,
         store_lock: Option<lock::StoreLock>,
         max_size: Option<u64>,
         clock: Clock,
@@ -209,12 +256,19 @@ impl Store {
         cancel: CancellationToken,
     ) -> io::Result<Store> {
         let journal = Arc::new(journal::Journal::open(root)?);
+        let (blobs, meta, local, tiered): (Arc<dyn backend::Blobs>, Arc<dyn backend::Meta>, _, _) =
+            match storage {
+                Storage::Fs(fs) => (fs.clone(), fs.clone(), fs, false),
+                Storage::Shared { blobs, meta, local } => (blobs, meta, local, true),
+            };
         Ok(Store {
             root: root.to_path_buf(),
             tmp: layout::tmp_dir(root),
             tags: TagIndex::new(meta.clone(), clock, journal.clone()),
             blobs,
             meta,
+            local,
+            tiered,
             journal,
             fills: Mutex::new(HashMap::new()),
             fills_ended: AtomicU64::new(0),
@@ -249,9 +303,57 @@ impl Store {
         &*self.meta
     }
 
-    /// Is the blob stored (complete and verified)?
+    /// Is the blob stored (complete and verified), here or in shared storage?
     pub async fn has_blob(&self, digest: &Digest) -> io::Result<bool> {
-        Ok(self.mapped.contains_key(digest) || self.blobs.stat(digest).await?.is_some())
+        Ok(self.mapped.contains_key(digest)
+            || self.local.stat(digest).await?.is_some()
+            || (self.tiered && self.blobs.stat(digest).await?.is_some()))
+    }
+
+    /// Is content kept in shared storage behind a local tier?
+    pub fn is_tiered(&self) -> bool {
+        self.tiered
+    }
+
+    /// Makes a verified fill's spool file a stored blob. From the upstream: into the store
+    /// (with shared storage: the local tier, then uploaded from there), journaled. From shared
+    /// storage: into the local tier only.
+    pub(crate) async fn commit_fill(
+        &self,
+        digest: &Digest,
+        spool: temp::TempFile,
+        size: u64,
+        origin: fill::Origin,
+    ) -> io::Result<()> {
+        if !self.tiered {
+            self.blobs.commit(digest, spool).await?;
+            self.committed(digest, size);
+            return Ok(());
+        }
+        self.local.commit(digest, spool).await?;
+        self.usage.added(size);
+        self.usage.touch(digest);
+        if self.max_size.is_some_and(|m| self.usage.bytes() > m) {
+            self.over_limit.notify_one();
+        }
+        match origin {
+            fill::Origin::Shared { .. } => {
+                crate::metrics::bucket_fill();
+                Ok(())
+            }
+            fill::Origin::Upstream => {
+                // Uploaded from a mapping of the local copy: parts are slices of the page
+                // cache, not copies in memory.
+                let data = self.local.open(digest).await?.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "the local copy vanished")
+                })?;
+                self.blobs.put(digest, data).await?;
+                self.journal_append(journal::Entry::Blob {
+                    digest: digest.to_string(),
+                });
+                Ok(())
+            }
+        }
     }
 
     /// The fill of `digest` running now, if any.
@@ -296,7 +398,7 @@ impl Store {
                 return Ok(BlobState::joined(fill));
             }
             let ended = self.fills_ended.load(Ordering::Acquire);
-            if let Some(data) = self.blobs.open(digest).await? {
+            if let Some(data) = self.local.open(digest).await? {
                 self.mapped.insert(digest.clone(), data.clone());
                 return Ok(BlobState::Hit { data });
             }
@@ -305,6 +407,10 @@ impl Store {
                     Some(fill) => BlobState::joined(fill),
                     None => BlobState::Miss,
                 });
+            };
+            let origin = match self.shared_size(digest).await {
+                Some(size) => fill::Origin::Shared { size },
+                None => fill::Origin::Upstream,
             };
             let mut fills = self.fills.lock().unwrap();
             if let Some(fill) = fills.get(digest) {
@@ -315,7 +421,7 @@ impl Store {
             if self.fills_ended.load(Ordering::Acquire) != ended {
                 continue;
             }
-            let (fill, tx) = fill::new_fill(digest.clone(), source);
+            let (fill, tx) = fill::new_fill(digest.clone(), source, origin);
             fill.add_request();
             let cancel = self.cancel.child_token();
             self.spawn_fill(&mut fills, fill.clone(), |entry| {
@@ -328,16 +434,55 @@ impl Store {
         }
     }
 
-    /// A blob of `size` bytes was committed.
+    /// The size of a blob shared storage has (and this process does not). Shared storage that
+    /// fails is counted and treated as not having it: the upstream is asked instead.
+    async fn shared_size(&self, digest: &Digest) -> Option<u64> {
+        if !self.tiered {
+            return None;
+        }
+        match self.blobs.stat(digest).await {
+            Ok(size) => size,
+            Err(e) => {
+                crate::metrics::storage_error();
+                tracing::warn!(digest = %digest, error = %e, "shared storage unavailable; asking the upstream");
+                None
+            }
+        }
+    }
+
+    /// A blob of `size` bytes was committed to the store (journaled; counted against the
+    /// store's bound unless the store is shared storage, whose local tier is counted apart).
     pub(crate) fn committed(&self, digest: &Digest, size: u64) {
         self.journal_append(journal::Entry::Blob {
             digest: digest.to_string(),
         });
-        self.usage.added(size);
         self.usage.touch(digest);
-        if self.max_size.is_some_and(|m| self.usage.bytes() > m) {
-            self.over_limit.notify_one();
+        if !self.tiered {
+            self.usage.added(size);
+            if self.max_size.is_some_and(|m| self.usage.bytes() > m) {
+                self.over_limit.notify_one();
+            }
         }
+    }
+
+    /// Removes local copies of blobs (the local tier's eviction; shared storage keeps them).
+    pub(crate) async fn drop_local(&self, digests: &[Digest], freed: u64) -> io::Result<()> {
+        for d in digests {
+            self.mapped.invalidate(d);
+            self.local.delete(d).await?;
+        }
+        self.usage.removed(digests);
+        self.usage.set_totals(
+            self.usage.bytes().saturating_sub(freed),
+            self.usage.entries().saturating_sub(digests.len() as u64),
+        );
+        crate::metrics::evicted(digests.len() as u64, freed);
+        Ok(())
+    }
+
+    /// This process's copies of blobs.
+    pub(crate) fn local(&self) -> &backend::fs::Fs {
+        &self.local
     }
 
     pub(crate) fn journal_append(&self, entry: journal::Entry) {
@@ -376,6 +521,9 @@ impl Store {
             self.mapped.invalidate(d);
             self.manifest_cache.invalidate(d);
             self.blobs.delete(d).await?;
+            if self.tiered {
+                self.local.delete(d).await?;
+            }
         }
         self.usage.removed(&plan.blobs);
         self.usage.set_totals(
@@ -473,10 +621,30 @@ impl Store {
     }
 
     /// Can the store take writes? Creates and removes a file in the temp folder.
+    /// With shared storage, it must answer too (a read of the generation record, bounded).
     pub async fn check_writable(&self) -> io::Result<()> {
         let probe = self.tmp.join(format!("ready-probe.{}", std::process::id()));
         tokio::fs::write(&probe, b"ok").await?;
-        tokio::fs::remove_file(&probe).await
+        tokio::fs::remove_file(&probe).await?;
+        if self.tiered {
+            tokio::time::timeout(SHARED_PROBE, self.meta.get(layout::GENERATION))
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "shared storage does not answer")
+                })?
+                .map_err(|e| io::Error::new(e.kind(), format!("shared storage: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// How often to look for changes made by other processes (`entrepot cache`, and with
+    /// shared storage other replicas' tools): a file is cheap to look at, a bucket less so.
+    pub fn generation_check_interval(&self) -> std::time::Duration {
+        if self.tiered {
+            std::time::Duration::from_secs(5)
+        } else {
+            std::time::Duration::from_millis(500)
+        }
     }
 
     /// Number of fills running now.
@@ -487,7 +655,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use futures_util::StreamExt;
+    use futures_util::{StreamExt, TryStreamExt};
 
     use super::*;
 
@@ -498,6 +666,7 @@ mod tests {
                 dir,
                 mem.clone(),
                 mem,
+                None,
                 Clock::default(),
                 TaskTracker::new(),
                 CancellationToken::new(),
@@ -560,6 +729,51 @@ mod tests {
         assert!(!store.has_blob(&layer).await.unwrap());
     }
 
+    /// With shared storage behind a local tier, a blob the shared store has is copied into the
+    /// tier by a fill (followers stream it, the upstream is never asked), then served as a hit.
+    #[tokio::test]
+    async fn a_local_miss_is_filled_from_shared_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = memory_store(dir.path());
+        let data = Bytes::from(vec![7u8; 20 << 20]);
+        let digest = Digest::sha256_of(&data);
+        store.blobs().put(&digest, data.clone()).await.unwrap();
+        assert!(store.local().stat(&digest).await.unwrap().is_none());
+
+        let BlobState::Fill {
+            fill,
+            joined: false,
+        } = store
+            .blob(&digest, Some(fill::test_source()))
+            .await
+            .unwrap()
+        else {
+            panic!("a local miss starts a fill");
+        };
+        assert_eq!(
+            fill.origin(),
+            fill::Origin::Shared {
+                size: data.len() as u64
+            }
+        );
+        let got: Vec<Bytes> = read::follow(fill.clone(), 0, Some(data.len() as u64))
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(got.concat(), data);
+        assert!(matches!(fill.finished().await, Progress::Done { .. }));
+        store.tracker.close();
+        store.tracker.wait().await;
+        assert_eq!(
+            store.local().stat(&digest).await.unwrap(),
+            Some(data.len() as u64)
+        );
+        assert!(matches!(
+            store.blob(&digest, None).await.unwrap(),
+            BlobState::Hit { .. }
+        ));
+    }
+
     /// A fill task that panicked used to leave its digest in the in-progress map for ever:
     /// every later request joined the dead fill and failed until a restart.
     #[tokio::test]
@@ -577,7 +791,8 @@ mod tests {
             .unwrap(),
         );
         let digest = Digest::sha256_of(b"never arrives");
-        let (fill, tx) = fill::new_fill(digest.clone(), fill::test_source());
+        let (fill, tx) =
+            fill::new_fill(digest.clone(), fill::test_source(), fill::Origin::Upstream);
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
         store.spawn_fill(
             &mut store.fills.lock().unwrap(),

@@ -6,6 +6,7 @@ use std::io;
 use std::path::Path;
 
 use crate::cache::Store;
+use crate::config::StorageBackend;
 
 pub struct BlockingStore {
     rt: tokio::runtime::Runtime,
@@ -15,11 +16,11 @@ pub struct BlockingStore {
 impl BlockingStore {
     /// The store at `root`, beside any running server (see `Store::open_beside`); the caller
     /// holds the store lock when it writes.
-    pub fn open_beside(root: &Path) -> io::Result<BlockingStore> {
+    pub fn open_beside(root: &Path, backend: &StorageBackend) -> io::Result<BlockingStore> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let store = Store::open_beside(root)?;
+        let store = Store::open_beside_with(root, backend)?;
         Ok(BlockingStore { rt, store })
     }
 

@@ -37,12 +37,20 @@ impl Target {
             .map_or_else(|| name.to_string(), |u| u.name.clone())
     }
 
+    /// The configured storage backend (a bare `--root` is a folder).
+    pub fn backend(&self) -> config::StorageBackend {
+        self.config
+            .as_ref()
+            .map_or(config::StorageBackend::Fs, |c| c.storage.backend.clone())
+    }
+
     /// The store (beside any running server), what it holds, and its saved use stamps.
     async fn open(&self) -> Result<(Store, Inventory), MaintenanceError> {
-        let store = Store::open_beside(&self.root).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => MaintenanceError::Usage(e.to_string()),
-            _ => MaintenanceError::Io(e),
-        })?;
+        let store =
+            Store::open_beside_with(&self.root, &self.backend()).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => MaintenanceError::Usage(e.to_string()),
+                _ => MaintenanceError::Io(e),
+            })?;
         store.load_usage().await?;
         let inv = Inventory::load(&store).await?;
         Ok((store, inv))

@@ -2,7 +2,7 @@
 //! followed by hand (so `Authorization` never crosses to another origin), and the mapping of
 //! upstream answers to `UpstreamError`.
 
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use url::Url;
@@ -39,18 +39,13 @@ pub struct Upstream {
     offline: bool,
 }
 
-static TLS_PROVIDER: Once = Once::new();
-
 impl Upstream {
     pub fn new(
         config: UpstreamConfig,
         clock: Clock,
         offline: bool,
     ) -> Result<Upstream, reqwest::Error> {
-        TLS_PROVIDER.call_once(|| {
-            // Another part of the process may have installed one already; either is fine.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        });
+        crate::tls::install_provider();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.connect_timeout)

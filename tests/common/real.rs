@@ -480,12 +480,17 @@ impl Entrepot {
     /// Writes `[server]` and `[storage]` around `upstreams` (the `[[upstream]]` tables) into
     /// `dir/entrepot.toml`, starts the binary and waits until `GET /v2/` answers 200.
     pub async fn start(dir: &Path, upstreams: &str) -> Result<Self> {
+        Self::start_with_storage(dir, "", upstreams).await
+    }
+
+    /// [`Entrepot::start`] with more `[storage]` keys (and tables such as `[storage.s3]`).
+    pub async fn start_with_storage(dir: &Path, storage: &str, upstreams: &str) -> Result<Self> {
         let bin = Path::new(env!("CARGO_BIN_EXE_entrepot"));
         let store = dir.join("store");
         let config = dir.join("entrepot.toml");
         let (port, process) = start_on_free_port(&[200], |port| {
             let toml = format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\nroot = {store:?}\n\n{upstreams}",
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\nroot = {store:?}\n{storage}\n\n{upstreams}",
                 store = store.display().to_string(),
             );
             fs::write(&config, toml)?;

@@ -3,6 +3,7 @@
 //! old record or the new one; blobs are served from read-only mappings.
 
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
@@ -22,7 +23,7 @@ pub struct Fs {
 
 impl Fs {
     /// The backend over `root`. Creates the folders it writes to.
-    pub fn open(root: &Path) -> io::Result<Fs> {
+    pub fn at(root: &Path) -> io::Result<Fs> {
         let tmp = layout::tmp_dir(root);
         for dir in [
             root.join(layout::BLOBS),
@@ -86,6 +87,19 @@ impl Blobs for Fs {
         Box::pin(
             async move { not_found_is_none(tokio::fs::read(&p).await).map(|b| b.map(Bytes::from)) },
         )
+    }
+
+    fn read_range<'a>(&'a self, digest: &'a Digest, range: Range<u64>) -> Io<'a, Option<Bytes>> {
+        let p = self.path(&layout::blob(digest));
+        Box::pin(blocking(move || {
+            use std::os::unix::fs::FileExt as _;
+            let Some(file) = not_found_is_none(std::fs::File::open(&p))? else {
+                return Ok(None);
+            };
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            file.read_exact_at(&mut buf, range.start)?;
+            Ok(Some(Bytes::from(buf)))
+        }))
     }
 
     fn commit<'a>(&'a self, digest: &'a Digest, spool: TempFile) -> Io<'a, ()> {
@@ -217,7 +231,7 @@ mod tests {
     #[tokio::test]
     async fn behaves_as_a_backend() {
         let dir = tempfile::tempdir().unwrap();
-        let fs = Fs::open(dir.path()).unwrap();
+        let fs = Fs::at(dir.path()).unwrap();
         let data = b"layer bytes".to_vec();
         let spool = TempFile::create(&layout::tmp_dir(dir.path()), "spool")
             .await

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::ops::Range;
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -41,6 +42,24 @@ impl Blobs for Memory {
 
     fn read<'a>(&'a self, digest: &'a Digest) -> Io<'a, Option<Bytes>> {
         self.open(digest)
+    }
+
+    fn read_range<'a>(&'a self, digest: &'a Digest, range: Range<u64>) -> Io<'a, Option<Bytes>> {
+        let data = self
+            .blobs
+            .lock()
+            .unwrap()
+            .get(digest)
+            .map(|(b, _)| b.clone());
+        Box::pin(async move {
+            match data {
+                None => Ok(None),
+                Some(b) if range.end as usize <= b.len() => {
+                    Ok(Some(b.slice(range.start as usize..range.end as usize)))
+                }
+                Some(_) => Err(io::ErrorKind::UnexpectedEof.into()),
+            }
+        })
     }
 
     fn commit<'a>(&'a self, digest: &'a Digest, spool: TempFile) -> Io<'a, ()> {

@@ -2,13 +2,16 @@
 //! `Blobs` holds verified content by digest; `Meta` holds small records by key (manifest media
 //! types, tags, pins, use stamps). Keys come from `layout` only.
 //!
-//! Implementations: `fs` (a folder; the embedded default) and `memory` (for unit tests, and to
-//! keep the seam honest: nothing may depend on files existing).
+//! Implementations: `fs` (a folder; the embedded default), `s3` (an S3-compatible bucket) and
+//! `memory` (for unit tests, and to keep the seam honest: nothing may depend on files
+//! existing).
 
 pub mod fs;
 pub mod memory;
+pub mod s3;
 
 use std::io;
+use std::ops::Range;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -38,6 +41,10 @@ pub trait Blobs: Send + Sync {
 
     /// The whole blob read into memory: for small ones (manifests) that are kept in a cache.
     fn read<'a>(&'a self, digest: &'a Digest) -> Io<'a, Option<Bytes>>;
+
+    /// Bytes `range` of a blob (a fill from shared storage reads it piece by piece); `None`
+    /// when the blob is not there.
+    fn read_range<'a>(&'a self, digest: &'a Digest, range: Range<u64>) -> Io<'a, Option<Bytes>>;
 
     /// Makes a verified spool file the blob `digest`, atomically and durably: a crash leaves
     /// nothing or the whole blob. The spool is consumed (moved or removed).
@@ -86,6 +93,10 @@ pub(crate) mod conformance {
         assert_eq!(b.stat(&d).await.unwrap(), Some(spool_bytes.len() as u64));
         assert_eq!(&b.open(&d).await.unwrap().unwrap()[..], spool_bytes);
         assert_eq!(&b.read(&d).await.unwrap().unwrap()[..], spool_bytes);
+        assert_eq!(
+            &b.read_range(&d, 2..5).await.unwrap().unwrap()[..],
+            &spool_bytes[2..5]
+        );
 
         let m = Digest::sha256_of(b"{}");
         b.put(&m, Bytes::from_static(b"{}")).await.unwrap();

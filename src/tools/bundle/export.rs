@@ -42,7 +42,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
 /// Writes the bundle `args` asks for and prints a summary whose last line is `marker: SEQ`.
 pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result<(), ExportError> {
     let root = &t.root;
-    let bs = BlockingStore::open_beside(root).map_err(|e| match e.kind() {
+    let bs = BlockingStore::open_beside(root, &t.backend()).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => ExportError::Usage(e.to_string()),
         _ => io_ctx(format!("cannot open the store {}", root.display()))(e),
     })?;

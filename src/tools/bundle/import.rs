@@ -18,7 +18,7 @@ use super::{
 };
 use crate::cache::temp::TempFile;
 use crate::cache::{layout, pins};
-use crate::config::PinConfig;
+use crate::config::{PinConfig, StorageBackend};
 use crate::oci::{Digest, Hasher, Reference};
 use crate::tools::blocking::BlockingStore;
 use crate::tools::maintenance::{human_size, Target};
@@ -76,7 +76,7 @@ struct LayoutFiles {
 }
 
 impl Staging {
-    fn create(root: &Path) -> Result<Staging, ImportError> {
+    fn create(root: &Path, backend: &StorageBackend) -> Result<Staging, ImportError> {
         let mut created = Vec::new();
         match std::fs::read_dir(root) {
             Ok(mut entries) => {
@@ -107,9 +107,10 @@ impl Staging {
             std::process::id(),
             STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let store = if root.join(layout::BLOBS).is_dir() {
+        let shared = matches!(backend, StorageBackend::S3(_));
+        let store = if shared || root.join(layout::BLOBS).is_dir() {
             Some(
-                BlockingStore::open_beside(root)
+                BlockingStore::open_beside(root, backend)
                     .map_err(imp_io(format!("cannot open the store {}", root.display())))?,
             )
         } else {
@@ -323,7 +324,7 @@ pub fn run_import(t: &Target, bundle: &Path, out: &mut impl Write) -> Result<(),
     let mut file =
         File::open(bundle).map_err(imp_io(format!("cannot open {}", bundle.display())))?;
     check_end(&mut file)?;
-    let mut staging = Staging::create(&t.root)?;
+    let mut staging = Staging::create(&t.root, &t.backend())?;
     let files = staging.extract(file)?;
 
     let layout = files.layout.ok_or_else(|| {
@@ -488,14 +489,13 @@ impl Staging {
             Some(bs) => bs,
             None => {
                 // A new store: its folders are made here (the filesystem backend creates them).
-                crate::cache::backend::fs::Fs::open(&self.root).map_err(imp_io(format!(
+                crate::cache::backend::fs::Fs::at(&self.root).map_err(imp_io(format!(
                     "cannot create the store {}",
                     self.root.display()
                 )))?;
-                BlockingStore::open_beside(&self.root).map_err(imp_io(format!(
-                    "cannot open the store {}",
-                    self.root.display()
-                )))?
+                BlockingStore::open_beside(&self.root, &StorageBackend::Fs).map_err(imp_io(
+                    format!("cannot open the store {}", self.root.display()),
+                ))?
             }
         };
         // From here on the store changes: the folders stay whatever happens.

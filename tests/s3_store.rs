@@ -1,0 +1,293 @@
+//! The S3 backend through the real server, against a real Garage, with a fault-injecting relay
+//! in front of it where the test needs the bucket to misbehave. For every fault the client gets
+//! the right bytes (from the next source) and nothing unverified becomes visible in the bucket.
+//!
+//! Needs `garage` 2.5.0 (`bash .ci/install-garage.sh`).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::fake_registry::{BlobBehavior, FakeRegistry, PushedImage};
+use common::garage::Garage;
+use common::proxy::Proxy;
+use common::s3_relay::{Fault, Limit, Op, S3Relay};
+use common::{random_bytes, sha256_digest, upstream};
+use futures_util::TryStreamExt as _;
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore as _;
+
+const MIB: usize = 1 << 20;
+
+/// Field order is drop order: proxies are the test's, then the relay, then Garage.
+struct Env {
+    up: FakeRegistry,
+    relay: S3Relay,
+    garage: Garage,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let garage = Garage::start().await.expect("garage starts");
+        let relay = S3Relay::start(&garage.endpoint()).await.unwrap();
+        Env {
+            up: FakeRegistry::start().await,
+            relay,
+            garage,
+        }
+    }
+
+    /// `[storage]` keys for the s3 backend at `endpoint` (Garage itself or the relay).
+    fn storage(&self, endpoint: &str) -> String {
+        format!(
+            "backend = \"s3\"\n\n[storage.s3]\nendpoint = \"{endpoint}\"\nregion = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nrequest_timeout = \"2s\"\nmax_retries = 1\n",
+            self.garage.region(),
+            self.garage.bucket(),
+            self.garage.access_key_id(),
+            self.garage.secret_access_key(),
+        )
+    }
+
+    /// A replica on a fresh local root, reaching the bucket directly.
+    async fn replica(&self) -> Proxy {
+        Proxy::start_with(
+            &self.storage(&self.garage.endpoint()),
+            &upstream("fake", &self.up.url(), true, ""),
+        )
+        .await
+    }
+
+    /// A replica on a fresh local root, reaching the bucket through the relay.
+    async fn replica_via_relay(&self) -> Proxy {
+        Proxy::start_with(
+            &self.storage(&self.relay.endpoint()),
+            &upstream("fake", &self.up.url(), true, ""),
+        )
+        .await
+    }
+
+    /// The keys in the bucket under `prefix`.
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        let s3 = self.garage.s3_builder().build().unwrap();
+        let found: Vec<_> = s3
+            .list(Some(&ObjectPath::from(prefix)))
+            .try_collect()
+            .await
+            .unwrap();
+        found.iter().map(|m| m.location.to_string()).collect()
+    }
+
+    /// The object at a blob's key, if any.
+    async fn object(&self, digest: &str) -> Option<Bytes> {
+        let s3 = self.garage.s3_builder().build().unwrap();
+        let key = ObjectPath::from(format!("blobs/{}", digest.replace(':', "/")));
+        match object_store::ObjectStoreExt::get(&s3, &key).await {
+            Ok(r) => Some(r.bytes().await.unwrap()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("reading {key}: {e}"),
+        }
+    }
+
+    fn image(&self, repo: &str, seed: u64, size: usize) -> PushedImage {
+        self.up
+            .push_image(repo, "v1", &[Bytes::from(random_bytes(size, seed))])
+    }
+}
+
+/// GET of a blob through `proxy`: its bytes, checked against the digest.
+async fn blob(proxy: &Proxy, repo: &str, digest: &str) -> Bytes {
+    common::get_blob(
+        &common::client(),
+        &proxy.url(&format!("/v2/{repo}/blobs/{digest}")),
+        digest,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_with_an_empty_root_serves_what_the_bucket_holds_with_no_upstream_request() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 1, 20 * MIB);
+    let first = env.replica().await;
+    first.pull_image("team/app", "v1").await.unwrap();
+    first.wait_idle().await;
+    // The bucket holds the verified blobs, the manifest, its media type and the tag.
+    for d in img.layers.iter().chain([&img.config, &img.manifest]) {
+        let stored = env
+            .object(d)
+            .await
+            .unwrap_or_else(|| panic!("{d} not in the bucket"));
+        assert_eq!(sha256_digest(&stored), *d);
+    }
+    assert_eq!(env.keys("meta/tags").await.len(), 1);
+    assert_eq!(env.keys("meta/manifests").await.len(), 1);
+    first.stop().await;
+
+    let asked = env.up.requests().len();
+    let second = env.replica().await;
+    second.pull_image("team/app", "v1").await.unwrap();
+    second.wait_idle().await;
+    assert_eq!(
+        env.up.requests().len(),
+        asked,
+        "the second replica asked the upstream"
+    );
+    // Its local tier now has the layer, so the next read is a local hit.
+    assert!(second.blob_path(&img.layers[0]).is_file());
+    let r = second
+        .get(&format!("/v2/team/app/blobs/{}", img.layers[0]))
+        .await;
+    assert_eq!(r.headers()["X-Entrepot-Cache"], "hit");
+}
+
+#[tokio::test]
+async fn a_blob_that_fails_verification_never_reaches_the_bucket() {
+    let env = Env::start().await;
+    let data = random_bytes(12 * MIB, 2);
+    let digest = env.up.add_blob(data);
+    env.up.set_blob_behavior(&digest, BlobBehavior::Corrupt);
+    let proxy = env.replica().await;
+    let r = common::get_blob(
+        &common::client(),
+        &proxy.url(&format!("/v2/team/app/blobs/{digest}")),
+        &digest,
+    )
+    .await;
+    assert!(r.is_err(), "a corrupt blob was served as complete");
+    proxy.wait_idle().await;
+    assert!(env.object(&digest).await.is_none());
+    assert!(env.keys("blobs").await.is_empty());
+}
+
+#[tokio::test]
+async fn regression_failing_upload_parts_abort_the_upload_and_the_client_is_served() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 3, 20 * MIB);
+    env.relay
+        .fault(Op::UploadPart, Fault::Status(503), Limit::Always);
+    let proxy = env.replica_via_relay().await;
+    proxy.pull_image("team/app", "v1").await.unwrap();
+    proxy.wait_idle().await;
+    assert!(
+        env.relay.count(Op::AbortMultipartUpload) >= 1,
+        "no upload was aborted: {:?}",
+        env.relay.ops()
+    );
+    assert!(
+        env.object(&img.layers[0]).await.is_none(),
+        "a partial upload became visible"
+    );
+    // The replica kept its verified local copy and serves it.
+    assert_eq!(
+        sha256_digest(&blob(&proxy, "team/app", &img.layers[0]).await),
+        img.layers[0]
+    );
+}
+
+#[tokio::test]
+async fn regression_failing_complete_and_a_lost_complete_answer_still_serve_the_client() {
+    let env = Env::start().await;
+    let a = env.image("team/a", 4, 20 * MIB);
+    let b = env.image("team/b", 5, 20 * MIB);
+    let proxy = env.replica_via_relay().await;
+
+    env.relay.fault(
+        Op::CompleteMultipartUpload,
+        Fault::Status(500),
+        Limit::Always,
+    );
+    proxy.pull_image("team/a", "v1").await.unwrap();
+    proxy.wait_idle().await;
+    assert!(env.object(&a.layers[0]).await.is_none());
+    env.relay.clear_faults();
+
+    // The answer to Complete is lost: the object is there (verified bytes), and the client
+    // never noticed.
+    env.relay.fault(
+        Op::CompleteMultipartUpload,
+        Fault::LoseAnswer,
+        Limit::Times(1),
+    );
+    proxy.pull_image("team/b", "v1").await.unwrap();
+    proxy.wait_idle().await;
+    if let Some(stored) = env.object(&b.layers[0]).await {
+        assert_eq!(sha256_digest(&stored), b.layers[0]);
+    }
+}
+
+#[tokio::test]
+async fn regression_a_malformed_head_answer_is_a_miss_not_an_error() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 6, 3 * MIB);
+    env.relay
+        .fault(Op::HeadObject, Fault::MalformedStatus, Limit::Always);
+    let proxy = env.replica_via_relay().await;
+    assert_eq!(
+        sha256_digest(&blob(&proxy, "team/app", &img.layers[0]).await),
+        img.layers[0]
+    );
+    assert_eq!(env.up.count("GET", "/blobs/"), 1);
+}
+
+#[tokio::test]
+async fn regression_an_object_not_visible_yet_is_a_miss() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 7, 12 * MIB);
+    env.relay.fault(
+        Op::CompleteMultipartUpload,
+        Fault::NotFoundAfterWrite(Duration::from_secs(30)),
+        Limit::Always,
+    );
+    env.relay.fault(
+        Op::PutObject,
+        Fault::NotFoundAfterWrite(Duration::from_secs(30)),
+        Limit::Always,
+    );
+    let first = env.replica_via_relay().await;
+    blob(&first, "team/app", &img.layers[0]).await;
+    first.wait_idle().await;
+    // A second replica does not see the object yet: it fetches from the upstream.
+    let second = env.replica_via_relay().await;
+    assert_eq!(
+        sha256_digest(&blob(&second, "team/app", &img.layers[0]).await),
+        img.layers[0]
+    );
+    assert_eq!(env.up.count("GET", "/blobs/"), 2);
+}
+
+#[tokio::test]
+async fn regression_a_hanging_bucket_cannot_hold_a_fill() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 8, 12 * MIB);
+    let first = env.replica().await;
+    blob(&first, "team/app", &img.layers[0]).await;
+    first.wait_idle().await;
+    // The second replica finds the blob in the bucket, but reading it hangs: its request
+    // timeout ends the read and the client is served from the upstream instead.
+    env.relay.fault(Op::GetObject, Fault::Hang, Limit::Always);
+    let second = env.replica_via_relay().await;
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        blob(&second, "team/app", &img.layers[0]),
+    )
+    .await
+    .expect("the fill waited on the bucket for ever");
+    assert_eq!(sha256_digest(&got), img.layers[0]);
+}
+
+#[tokio::test]
+async fn regression_an_unreachable_bucket_degrades_to_the_upstream_and_readyz_says_so() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 9, 3 * MIB);
+    env.relay.set_down(true);
+    let proxy = env.replica_via_relay().await;
+    assert_eq!(proxy.get("/readyz").await.status(), 503);
+    assert_eq!(
+        sha256_digest(&blob(&proxy, "team/app", &img.layers[0]).await),
+        img.layers[0]
+    );
+    env.relay.set_down(false);
+    assert_eq!(proxy.get("/readyz").await.status(), 200);
+}
