@@ -94,6 +94,9 @@ pub struct S3Config {
     pub request_timeout: Duration,
     /// Retries of idempotent S3 calls (`max_retries`).
     pub retries: u32,
+    /// A multipart upload begun this long ago and still recorded is taken as abandoned (its
+    /// writer died) and aborted by the sweep (`abandoned_uploads_after`).
+    pub abandoned_uploads_after: Duration,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -114,6 +117,7 @@ impl std::fmt::Debug for S3Config {
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("retries", &self.retries)
+            .field("abandoned_uploads_after", &self.abandoned_uploads_after)
             .finish()
     }
 }
@@ -228,6 +232,7 @@ struct RawS3 {
     connect_timeout: Option<String>,
     request_timeout: Option<String>,
     max_retries: Option<u32>,
+    abandoned_uploads_after: Option<String>,
 }
 
 /// A secret as read from the file: its `Debug` is redacted like `S3Config`'s.
@@ -273,6 +278,8 @@ const DEFAULT_S3_REGION: &str = "us-east-1";
 const DEFAULT_S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_S3_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_S3_RETRIES: u32 = 3;
+/// Longer than any upload of a live writer (parts are bounded by the request timeout).
+const DEFAULT_ABANDONED_UPLOADS_AFTER: Duration = Duration::from_secs(3600);
 
 /// Looks up an environment variable; tests pass their own instead of mutating the process's.
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -665,6 +672,9 @@ fn validate_s3(s3: RawS3, env: Env) -> Result<S3Config, ConfigError> {
         .unwrap_or(DEFAULT_S3_CONNECT_TIMEOUT);
     let request_timeout = positive_duration(&key("request_timeout"), &s3.request_timeout)?
         .unwrap_or(DEFAULT_S3_REQUEST_TIMEOUT);
+    let abandoned_uploads_after =
+        positive_duration(&key("abandoned_uploads_after"), &s3.abandoned_uploads_after)?
+            .unwrap_or(DEFAULT_ABANDONED_UPLOADS_AFTER);
     Ok(S3Config {
         endpoint,
         region,
@@ -678,6 +688,7 @@ fn validate_s3(s3: RawS3, env: Env) -> Result<S3Config, ConfigError> {
         connect_timeout,
         request_timeout,
         retries: s3.max_retries.unwrap_or(DEFAULT_S3_RETRIES),
+        abandoned_uploads_after,
     })
 }
 
@@ -1080,6 +1091,7 @@ mod tests {
                 connect_timeout = "2s"
                 request_timeout = "1m"
                 max_retries = 5
+                abandoned_uploads_after = "2h"
                 "#,
                 secret_file.display()
             ),
@@ -1107,6 +1119,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(2),
                 request_timeout: Duration::from_secs(60),
                 retries: 5,
+                abandoned_uploads_after: Duration::from_secs(7200),
             }
         );
     }
@@ -1133,6 +1146,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(5),
                 request_timeout: Duration::from_secs(30),
                 retries: 3,
+                abandoned_uploads_after: Duration::from_secs(3600),
             }
         );
         let c = parse_env(

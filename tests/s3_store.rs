@@ -12,6 +12,7 @@ use bytes::Bytes;
 use common::fake_registry::{BlobBehavior, FakeRegistry, PushedImage};
 use common::garage::Garage;
 use common::proxy::Proxy;
+use common::real::Entrepot;
 use common::s3_relay::{Fault, Limit, Op, S3Relay};
 use common::{random_bytes, sha256_digest, upstream};
 use futures_util::TryStreamExt as _;
@@ -40,8 +41,13 @@ impl Env {
 
     /// `[storage]` keys for the s3 backend at `endpoint` (Garage itself or the relay).
     fn storage(&self, endpoint: &str) -> String {
+        self.storage_with(endpoint, "", "")
+    }
+
+    /// [`Env::storage`] with more `[storage]` and `[storage.s3]` keys.
+    fn storage_with(&self, endpoint: &str, storage: &str, s3: &str) -> String {
         format!(
-            "backend = \"s3\"\n\n[storage.s3]\nendpoint = \"{endpoint}\"\nregion = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nrequest_timeout = \"2s\"\nmax_retries = 1\n",
+            "backend = \"s3\"\n{storage}\n\n[storage.s3]\nendpoint = \"{endpoint}\"\nregion = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\nrequest_timeout = \"2s\"\nmax_retries = 1\n{s3}\n",
             self.garage.region(),
             self.garage.bucket(),
             self.garage.access_key_id(),
@@ -290,4 +296,84 @@ async fn regression_an_unreachable_bucket_degrades_to_the_upstream_and_readyz_sa
     );
     env.relay.set_down(false);
     assert_eq!(proxy.get("/readyz").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_kill_9_mid_upload_leaves_no_object_and_a_sweep_aborts_the_upload() {
+    let env = Env::start().await;
+    let digest = env.up.add_blob(random_bytes(20 * MIB, 10));
+    // Parts hang: the upload is in progress when the process dies.
+    env.relay.fault(Op::UploadPart, Fault::Hang, Limit::Always);
+    let dir = tempfile::tempdir().unwrap();
+    let mut binary = Entrepot::start_with_storage(
+        dir.path(),
+        &env.storage(&env.relay.endpoint()),
+        &upstream("fake", &env.up.url(), true, ""),
+    )
+    .await
+    .unwrap();
+    // The client is served from the local copy while the upload hangs.
+    let url = format!("http://{}/v2/team/app/blobs/{digest}", binary.host());
+    common::get_blob(&common::client(), &url, &digest)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while env.relay.count(Op::UploadPart) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no part was sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    binary.kill();
+
+    assert!(
+        env.object(&digest).await.is_none(),
+        "an incomplete upload is visible"
+    );
+    let records = env.keys("meta/uploads").await;
+    assert_eq!(records.len(), 1, "the upload in progress is recorded");
+    let s3 = env.garage.s3_builder().build().unwrap();
+    let record: serde_json::Value = serde_json::from_slice(
+        &object_store::ObjectStoreExt::get(&s3, &ObjectPath::from(records[0].as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let (key, id) = (
+        record["key"].as_str().unwrap().to_owned(),
+        record["id"].as_str().unwrap().to_owned(),
+    );
+
+    // Another replica's sweep takes uploads begun over a second ago as abandoned.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let sweeper = Proxy::start_with(
+        &env.storage_with(
+            &env.garage.endpoint(),
+            "sweep_interval = \"1h\"",
+            "abandoned_uploads_after = \"1s\"",
+        ),
+        &upstream("fake", &env.up.url(), true, ""),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !env.keys("meta/uploads").await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweep left the upload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The upload is gone from the bucket: a part for it is refused.
+    let part = object_store::multipart::MultipartStore::put_part(
+        &s3,
+        &ObjectPath::from(key.as_str()),
+        &id,
+        0,
+        Bytes::from_static(b"late").into(),
+    )
+    .await;
+    assert!(part.is_err(), "the abandoned upload still takes parts");
+    assert!(env.object(&digest).await.is_none());
+    sweeper.stop().await;
 }

@@ -167,6 +167,11 @@ async fn sweep_once(
 ) -> io::Result<()> {
     if store.is_tiered() {
         sweep_temp(store, cfg.sweep_interval).await;
+        match store.blobs().sweep_abandoned().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(uploads = n, "aborted abandoned uploads"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep abandoned uploads"),
+        }
         return sweep_tier(store, cfg).await;
     }
     let inv = Inventory::load(store).await?;

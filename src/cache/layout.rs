@@ -9,6 +9,7 @@
 //! meta/access                               last use of each blob (use stamps)
 //! meta/journal                              commits, one JSON line each
 //! meta/generation                           bumped by tools that remove content
+//! meta/uploads/<id>                         multipart uploads in progress (shared storage)
 //! ```
 //!
 //! Local to one process (never in an object store): `tmp/` (fills in progress, emptied at
@@ -29,6 +30,7 @@ pub const PINS: &str = "meta/pins";
 pub const ACCESS: &str = "meta/access";
 pub const JOURNAL: &str = "meta/journal";
 pub const GENERATION: &str = "meta/generation";
+pub const UPLOADS: &str = "meta/uploads/";
 
 const TAGS_FOLDER: &str = "/_tags/";
 
@@ -45,6 +47,11 @@ pub fn manifest_type(d: &Digest) -> String {
 /// `meta/tags/<upstream>/<repo>/_tags/<tag>`
 pub fn tag(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
     format!("{TAGS}{upstream}/{repo}{TAGS_FOLDER}{tag}")
+}
+
+/// `meta/uploads/<id>`: the record of a multipart upload in progress (`id` hex-encoded).
+pub fn upload(id_hex: &str) -> String {
+    format!("{UPLOADS}{id_hex}")
 }
 
 /// The digest a `blobs/...` or `meta/manifests/...` key names.

@@ -520,6 +520,11 @@ impl Entrepot {
         self.process.output()
     }
 
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
     /// Path of the cached copy of `digest` (`sha256:<hex>`) in the store.
     pub fn stored_blob(&self, digest: &str) -> PathBuf {
         blob_path(&self.store, digest)

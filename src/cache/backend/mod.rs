@@ -58,6 +58,12 @@ pub trait Blobs: Send + Sync {
 
     /// Every stored blob. For sweeps and tools, never on a request's path.
     fn list(&self) -> Io<'_, Vec<BlobInfo>>;
+
+    /// Cleans up writes whose writer died (abandoned multipart uploads); returns how many.
+    /// Nothing to do where a write is a local temp file (the spool is swept apart).
+    fn sweep_abandoned(&self) -> Io<'_, usize> {
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// Small records by key.

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::TryStreamExt as _;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::MultipartStore as _;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt as _, PutPayload, RetryConfig};
 use tokio::sync::Semaphore;
@@ -44,6 +45,7 @@ pub struct S3 {
     prefix: String,
     /// Permits are MiB of part bytes in flight.
     parts: Arc<Semaphore>,
+    abandoned_after: std::time::Duration,
 }
 
 impl S3 {
@@ -75,6 +77,7 @@ impl S3 {
             store,
             prefix: cfg.prefix.clone(),
             parts: Arc::new(Semaphore::new(PARTS_IN_FLIGHT as usize)),
+            abandoned_after: cfg.abandoned_uploads_after,
         })
     }
 
@@ -123,28 +126,51 @@ impl S3 {
             return Ok(());
         }
         let part = MIN_PART.max(len.div_ceil(MAX_PARTS));
-        let mut upload = self.store.put_multipart(&path).await.map_err(error)?;
-        match self.upload_parts(&mut upload, &data, part).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Incomplete uploads are invisible, but they cost storage until aborted.
-                if let Err(abort) = upload.abort().await {
-                    tracing::warn!(key, error = %describe(abort), "could not abort a multipart upload");
-                }
-                crate::metrics::s3_upload_aborted();
-                Err(e)
+        let id = self.store.create_multipart(&path).await.map_err(error)?;
+        // Recorded first, so that if this process dies mid-upload a later sweep (of any
+        // replica) finds the upload by its record and aborts it: nothing lists uploads.
+        let record = Upload {
+            key: key.to_owned(),
+            id: id.clone(),
+            started_ms: crate::cache::usage::unix_now_ms(),
+        };
+        let record_key = layout::upload(&hex::encode(&id));
+        let result = match serde_json::to_vec(&record) {
+            Ok(json) => match self
+                .store
+                .put(&self.path(&record_key), PutPayload::from(json))
+                .await
+            {
+                Ok(_) => self.upload_parts(&path, &id, &data, part).await,
+                Err(e) => Err(error(e)),
+            },
+            Err(e) => Err(io::Error::other(e)),
+        };
+        if result.is_err() {
+            // Incomplete uploads are invisible, but they cost storage until aborted.
+            if let Err(abort) = self.store.abort_multipart(&path, &id).await {
+                tracing::warn!(key, error = %describe(abort), "could not abort a multipart upload; the sweep will");
+                return result;
             }
+            crate::metrics::s3_upload_aborted();
         }
+        if let Err(e) = self.delete_key(&record_key).await {
+            tracing::warn!(key, error = %e, "could not remove the record of a finished upload");
+        }
+        result
     }
 
-    /// Sends `data` in parts of `part` bytes, one at a time, then completes the upload.
+    /// Sends `data` in parts of `part` bytes, one at a time, then completes the upload. Only
+    /// a 2xx to CompleteMultipartUpload confirms it.
     async fn upload_parts(
         &self,
-        upload: &mut Box<dyn object_store::MultipartUpload>,
+        path: &ObjectPath,
+        id: &object_store::MultipartId,
         data: &Bytes,
         part: u64,
     ) -> io::Result<()> {
         let len = data.len() as u64;
+        let mut parts = Vec::new();
         let mut off = 0;
         while off < len {
             let end = (off + part).min(len);
@@ -154,15 +180,64 @@ impl S3 {
                 .acquire_many(mib)
                 .await
                 .map_err(io::Error::other)?;
-            upload
-                .put_part(PutPayload::from(data.slice(off as usize..end as usize)))
-                .await
-                .map_err(error)?;
+            let payload = PutPayload::from(data.slice(off as usize..end as usize));
+            parts.push(
+                self.store
+                    .put_part(path, id, parts.len(), payload)
+                    .await
+                    .map_err(error)?,
+            );
             off = end;
         }
-        upload.complete().await.map_err(error)?;
+        self.store
+            .complete_multipart(path, id, parts)
+            .await
+            .map_err(error)?;
         Ok(())
     }
+
+    /// Aborts the recorded uploads that began more than `abandoned_after` ago (their writer
+    /// died) and removes their records. Returns how many.
+    async fn abort_abandoned(&self) -> io::Result<usize> {
+        let now = crate::cache::usage::unix_now_ms();
+        let cutoff = self.abandoned_after.as_millis() as u64;
+        let mut aborted = 0;
+        for record_key in Meta::list(self, layout::UPLOADS).await? {
+            let Some(text) = self.get(&record_key).await? else {
+                continue;
+            };
+            let Ok(up) = serde_json::from_slice::<Upload>(&text) else {
+                tracing::warn!(record = record_key, "removing an unreadable upload record");
+                self.delete_key(&record_key).await?;
+                continue;
+            };
+            if now.saturating_sub(up.started_ms) < cutoff {
+                continue;
+            }
+            match self
+                .store
+                .abort_multipart(&self.path(&up.key), &up.id)
+                .await
+            {
+                // Already gone: completed or aborted after all.
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(error(e)),
+            }
+            self.delete_key(&record_key).await?;
+            crate::metrics::s3_upload_aborted();
+            tracing::info!(key = up.key, "aborted an abandoned multipart upload");
+            aborted += 1;
+        }
+        Ok(aborted)
+    }
+}
+
+/// The record of a multipart upload in progress.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Upload {
+    key: String,
+    id: String,
+    started_ms: u64,
 }
 
 /// An `object_store` error as an I/O error for `Store` (404 is `NotFound`).
@@ -223,6 +298,10 @@ impl Blobs for S3 {
 
     fn delete<'a>(&'a self, digest: &'a Digest) -> Io<'a, ()> {
         Box::pin(async move { self.delete_key(&layout::blob(digest)).await })
+    }
+
+    fn sweep_abandoned(&self) -> Io<'_, usize> {
+        Box::pin(self.abort_abandoned())
     }
 
     fn list(&self) -> Io<'_, Vec<BlobInfo>> {
