@@ -84,6 +84,17 @@ impl Env {
         found.iter().map(|m| m.location.to_string()).collect()
     }
 
+    /// Bytes of blobs in the bucket.
+    async fn bucket_bytes(&self) -> u64 {
+        let s3 = self.garage.s3_builder().build().unwrap();
+        let found: Vec<_> = s3
+            .list(Some(&ObjectPath::from("blobs")))
+            .try_collect()
+            .await
+            .unwrap();
+        found.iter().map(|m| m.size).sum()
+    }
+
     /// The object at a blob's key, if any.
     async fn object(&self, digest: &str) -> Option<Bytes> {
         let s3 = self.garage.s3_builder().build().unwrap();
@@ -376,4 +387,110 @@ async fn regression_kill_9_mid_upload_leaves_no_object_and_a_sweep_aborts_the_up
     assert!(part.is_err(), "the abandoned upload still takes parts");
     assert!(env.object(&digest).await.is_none());
     sweeper.stop().await;
+}
+
+/// Bytes of blobs in a replica's local tier.
+fn local_bytes(proxy: &Proxy) -> u64 {
+    let mut total = 0;
+    for alg in ["sha256", "sha512"] {
+        if let Ok(rd) = std::fs::read_dir(proxy.root.join("blobs").join(alg)) {
+            total += rd
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum::<u64>();
+        }
+    }
+    total
+}
+
+/// Polls `ok` every 50 ms; fails the test after 30 s.
+async fn eventually<F, Fut>(what: &str, mut ok: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !ok().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited 30 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_local_tier_keeps_its_bound_while_the_bucket_keeps_everything() {
+    let env = Env::start().await;
+    let images: Vec<PushedImage> = (0..6)
+        .map(|i| env.image(&format!("team/app{i}"), 20 + i, 8 * MIB))
+        .collect();
+    let proxy = Proxy::start_with(
+        &env.storage_with(&env.garage.endpoint(), "max_size = \"30MiB\"", ""),
+        &upstream("fake", &env.up.url(), true, ""),
+    )
+    .await;
+    for i in 0..images.len() {
+        proxy
+            .pull_image(&format!("team/app{i}"), "v1")
+            .await
+            .unwrap();
+    }
+    proxy.wait_idle().await;
+    eventually("the local tier to shrink under 30 MiB", || async {
+        local_bytes(&proxy) <= 30 * MIB as u64
+    })
+    .await;
+    assert!(
+        env.bucket_bytes().await >= 6 * 8 * MIB as u64,
+        "the bucket lost content"
+    );
+    // The oldest image left the tier, not the cache: it comes back from the bucket.
+    assert!(!proxy.blob_path(&images[0].layers[0]).exists());
+    let asked = env.up.requests().len();
+    proxy.pull_image("team/app0", "v1").await.unwrap();
+    assert_eq!(env.up.requests().len(), asked, "the upstream was asked");
+}
+
+#[tokio::test]
+async fn the_bucket_keeps_its_own_bound_evicting_least_recently_used_images() {
+    let env = Env::start().await;
+    let images: Vec<PushedImage> = (0..6)
+        .map(|i| env.image(&format!("team/app{i}"), 30 + i, 8 * MIB))
+        .collect();
+    let proxy = Proxy::start_with(
+        &env.storage_with(
+            &env.garage.endpoint(),
+            "sweep_interval = \"1s\"",
+            "max_size = \"30MiB\"",
+        ),
+        &upstream("fake", &env.up.url(), true, ""),
+    )
+    .await;
+    for i in 0..images.len() {
+        proxy
+            .pull_image(&format!("team/app{i}"), "v1")
+            .await
+            .unwrap();
+    }
+    proxy.wait_idle().await;
+    eventually("the bucket to shrink under 30 MiB", || async {
+        env.bucket_bytes().await <= 30 * MIB as u64
+    })
+    .await;
+    let mut kept = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        if env.object(&img.manifest).await.is_some() {
+            kept.push(i);
+        }
+    }
+    assert_eq!(kept, [3, 4, 5], "the images pulled last stay, whole");
+    for i in 3..6 {
+        assert!(env.object(&images[i].layers[0]).await.is_some());
+    }
+    assert_eq!(
+        env.keys("meta/tags").await.len(),
+        3,
+        "evicted images' tags go with them"
+    );
 }

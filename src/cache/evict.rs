@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::backend::Blobs as _;
 use super::inventory::{Inventory, TagRef};
 use super::Store;
-use crate::config::{PinConfig, StorageConfig};
+use crate::config::{PinConfig, StorageBackend, StorageConfig};
 use crate::oci::{Digest, Reference};
 
 /// What one eviction run removes.
@@ -165,14 +165,22 @@ async fn sweep_once(
     pins: &[PinConfig],
     upstream_names: &Arc<dyn Fn(&str) -> String + Send + Sync>,
 ) -> io::Result<()> {
+    sweep_temp(store, cfg.sweep_interval).await;
     if store.is_tiered() {
-        sweep_temp(store, cfg.sweep_interval).await;
         match store.blobs().sweep_abandoned().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(uploads = n, "aborted abandoned uploads"),
             Err(e) => tracing::warn!(error = %e, "could not sweep abandoned uploads"),
         }
-        return sweep_tier(store, cfg).await;
+        sweep_tier(store, cfg).await?;
+        // The bucket's own bound, if it has one: whole images, as on disk.
+        if let StorageBackend::S3(s3) = &cfg.backend {
+            if let (Some(max), Some(low)) = (s3.max_size, s3.low_water) {
+                let inv = Inventory::load(store).await?;
+                evict_images(store, &inv, max, low, pins, upstream_names).await?;
+            }
+        }
+        return Ok(());
     }
     let inv = Inventory::load(store).await?;
     store
@@ -181,25 +189,32 @@ async fn sweep_once(
     for key in &inv.dangling_manifest_meta {
         store.meta().delete(key).await?;
     }
-    sweep_temp(store, cfg.sweep_interval).await;
-    let (Some(max), Some(low)) = (cfg.max_size, cfg.low_water) else {
-        return Ok(());
-    };
+    if let (Some(max), Some(low)) = (cfg.max_size, cfg.low_water) {
+        evict_images(store, &inv, max, low, pins, upstream_names).await?;
+    }
+    Ok(())
+}
+
+/// When the store holds more than `max`, removes least recently used images (never pinned
+/// ones, nor blobs being read) until it holds `low` or less.
+async fn evict_images(
+    store: &Arc<Store>,
+    inv: &Inventory,
+    max: u64,
+    low: u64,
+    pins: &[PinConfig],
+    upstream_names: &Arc<dyn Fn(&str) -> String + Send + Sync>,
+) -> io::Result<()> {
     let total = inv.total_bytes();
     if total <= max {
         return Ok(());
     }
     let mut all_pins = pins.to_vec();
     all_pins.extend(store.recorded_pins().await.unwrap_or_default());
-    let mut protected = pinned(&inv, &all_pins, |u| upstream_names(u));
+    let mut protected = pinned(inv, &all_pins, |u| upstream_names(u));
     protected.extend(store.usage.in_use());
     let usage = store.usage.clone();
-    let p = plan(
-        &inv,
-        total - low,
-        |d| usage.last_use_in(&inv, d),
-        &protected,
-    );
+    let p = plan(inv, total - low, |d| usage.last_use_in(inv, d), &protected);
     store.remove(&p).await?;
     let left = total - p.freed;
     tracing::info!(

@@ -526,10 +526,13 @@ impl Store {
             }
         }
         self.usage.removed(&plan.blobs);
-        self.usage.set_totals(
-            self.usage.bytes().saturating_sub(plan.freed),
-            self.usage.entries().saturating_sub(plan.blobs.len() as u64),
-        );
+        // With shared storage the totals are the local tier's, recounted by its sweep.
+        if !self.tiered {
+            self.usage.set_totals(
+                self.usage.bytes().saturating_sub(plan.freed),
+                self.usage.entries().saturating_sub(plan.blobs.len() as u64),
+            );
+        }
         crate::metrics::evicted(plan.blobs.len() as u64, plan.freed);
         Ok(())
     }
