@@ -485,8 +485,8 @@ async fn the_bucket_keeps_its_own_bound_evicting_least_recently_used_images() {
         }
     }
     assert_eq!(kept, [3, 4, 5], "the images pulled last stay, whole");
-    for i in 3..6 {
-        assert!(env.object(&images[i].layers[0]).await.is_some());
+    for img in &images[3..] {
+        assert!(env.object(&img.layers[0]).await.is_some());
     }
     assert_eq!(
         env.keys("meta/tags").await.len(),
