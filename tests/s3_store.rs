@@ -494,3 +494,40 @@ async fn the_bucket_keeps_its_own_bound_evicting_least_recently_used_images() {
         "evicted images' tags go with them"
     );
 }
+
+#[tokio::test]
+async fn with_redirect_committed_blobs_are_answered_with_a_presigned_get() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 40, 12 * MIB);
+    let proxy = Proxy::start_with(
+        &env.storage_with(&env.garage.endpoint(), "", "redirect = true"),
+        &upstream("fake", &env.up.url(), true, ""),
+    )
+    .await;
+    let url = proxy.url(&format!("/v2/team/app/blobs/{}", img.layers[0]));
+    let direct = common::client_no_redirect();
+    // Cold: the fill streams the blob (no redirect before the bucket has it).
+    common::get_blob(&direct, &url, &img.layers[0])
+        .await
+        .unwrap();
+    proxy.wait_idle().await;
+
+    // Committed: a 307 to a presigned GET on the bucket, which serves the right bytes.
+    let r = direct.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&env.garage.endpoint()), "{location}");
+    assert!(location.contains("X-Amz-Signature"), "{location}");
+    common::get_blob(&common::client(), &url, &img.layers[0])
+        .await
+        .unwrap();
+    // HEAD and the other blobs' metadata are still answered by the proxy itself.
+    assert_eq!(
+        proxy
+            .head(&format!("/v2/team/app/blobs/{}", img.layers[0]))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(env.up.count("GET", "/blobs/"), 1);
+}

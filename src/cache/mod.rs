@@ -129,6 +129,8 @@ pub struct Store {
     manifest_cache: moka::sync::Cache<Digest, Arc<StoredManifest>>,
     /// Mappings of recently served blobs, so a hit costs no system call.
     mapped: moka::sync::Cache<Digest, Bytes>,
+    /// Blobs recently seen in shared storage (for redirects), so a redirect costs no HEAD.
+    shared_seen: moka::sync::Cache<Digest, ()>,
     pub tags: TagIndex,
     pub usage: Arc<usage::Usage>,
     pub journal: Arc<journal::Journal>,
@@ -279,6 +281,10 @@ impl Store {
                 .max_capacity(64 << 20)
                 .build(),
             mapped: moka::sync::Cache::new(MAPPED_BLOBS),
+            shared_seen: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(600))
+                .build(),
             usage: Arc::new(usage::Usage::default()),
             pins: tokio::sync::Mutex::new(()),
             _lock: store_lock,
@@ -308,6 +314,30 @@ impl Store {
         Ok(self.mapped.contains_key(digest)
             || self.local.stat(digest).await?.is_some()
             || (self.tiered && self.blobs.stat(digest).await?.is_some()))
+    }
+
+    /// Where a client may fetch a committed blob straight from shared storage (S3 with
+    /// `redirect = true`): only for a blob that is there and not being filled.
+    pub async fn redirect(&self, digest: &Digest) -> Option<String> {
+        if !self.tiered || self.fill_in_progress(digest).is_some() {
+            return None;
+        }
+        let url = match self.blobs.presigned_get(digest).await {
+            Ok(Some(url)) => url,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(digest = %digest, error = %e, "could not presign a GET; serving the blob");
+                return None;
+            }
+        };
+        // Only a blob shared storage is known to have (one HEAD, remembered a while).
+        if !self.shared_seen.contains_key(digest) {
+            match self.blobs.stat(digest).await {
+                Ok(Some(_)) => self.shared_seen.insert(digest.clone(), ()),
+                _ => return None,
+            }
+        }
+        Some(url)
     }
 
     /// Is content kept in shared storage behind a local tier?
@@ -519,6 +549,7 @@ impl Store {
         }
         for d in &plan.blobs {
             self.mapped.invalidate(d);
+            self.shared_seen.invalidate(d);
             self.manifest_cache.invalidate(d);
             self.blobs.delete(d).await?;
             if self.tiered {
@@ -600,6 +631,7 @@ impl Store {
     /// Drops every in-memory copy of stored state; storage is read again on the next request.
     fn forget_cached(&self) {
         self.mapped.invalidate_all();
+        self.shared_seen.invalidate_all();
         self.manifest_cache.invalidate_all();
         // Invalidation is lazy: drop the mappings now, so removed files' space is freed.
         self.mapped.run_pending_tasks();

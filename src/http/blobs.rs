@@ -26,6 +26,19 @@ pub async fn serve(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(RangeSpec::parse);
+    // Shared storage may serve committed blobs itself (S3 `redirect = true`).
+    if !ctx.head {
+        if let Some(url) = state.store.redirect(&digest).await {
+            state.store.usage.touch(&digest);
+            let r = Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header(header::LOCATION, url)
+                .header("Docker-Content-Digest", digest.to_string())
+                .body(body::empty())
+                .expect("valid response");
+            return Ok(with_outcome(r, Outcome::Hit));
+        }
+    }
     // HEAD never starts a fill, and neither does anything offline (a miss is then a 404).
     let source = (!ctx.head && !ctx.upstream.offline()).then(|| FillSource {
         upstream: ctx.upstream.clone(),

@@ -59,6 +59,13 @@ pub trait Blobs: Send + Sync {
     /// Every stored blob. For sweeps and tools, never on a request's path.
     fn list(&self) -> Io<'_, Vec<BlobInfo>>;
 
+    /// A time-limited URL a client may GET the stored blob from directly, when the backend
+    /// offers that and is configured to (S3 `redirect = true`); `None` otherwise. Says nothing
+    /// about whether the blob is there.
+    fn presigned_get<'a>(&'a self, _digest: &'a Digest) -> Io<'a, Option<String>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Cleans up writes whose writer died (abandoned multipart uploads); returns how many.
     /// Nothing to do where a write is a local temp file (the spool is swept apart).
     fn sweep_abandoned(&self) -> Io<'_, usize> {

@@ -46,7 +46,13 @@ pub struct S3 {
     /// Permits are MiB of part bytes in flight.
     parts: Arc<Semaphore>,
     abandoned_after: std::time::Duration,
+    /// Answer hits with redirects to presigned GETs.
+    redirect: bool,
 }
+
+/// How long a presigned GET stays valid: long enough to start a large download on a slow
+/// link (S3 checks the signature when the request starts).
+const PRESIGNED_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 impl S3 {
     pub fn new(cfg: &S3Config) -> io::Result<S3> {
@@ -78,6 +84,7 @@ impl S3 {
             prefix: cfg.prefix.clone(),
             parts: Arc::new(Semaphore::new(PARTS_IN_FLIGHT as usize)),
             abandoned_after: cfg.abandoned_uploads_after,
+            redirect: cfg.redirect,
         })
     }
 
@@ -298,6 +305,23 @@ impl Blobs for S3 {
 
     fn delete<'a>(&'a self, digest: &'a Digest) -> Io<'a, ()> {
         Box::pin(async move { self.delete_key(&layout::blob(digest)).await })
+    }
+
+    fn presigned_get<'a>(&'a self, digest: &'a Digest) -> Io<'a, Option<String>> {
+        Box::pin(async move {
+            if !self.redirect {
+                return Ok(None);
+            }
+            let url = object_store::signer::Signer::signed_url(
+                &self.store,
+                http::Method::GET,
+                &self.path(&layout::blob(digest)),
+                PRESIGNED_FOR,
+            )
+            .await
+            .map_err(error)?;
+            Ok(Some(url.to_string()))
+        })
     }
 
     fn sweep_abandoned(&self) -> Io<'_, usize> {
