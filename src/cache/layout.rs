@@ -7,7 +7,8 @@
 //! meta/tags/<upstream>/<repo>/_tags/<tag>   tag → digest, media type, size, fetched-at
 //! meta/pins                                 pins recorded by prefetch and import
 //! meta/access                               last use of each blob (use stamps)
-//! meta/journal                              commits, one JSON line each
+//! meta/journal                              commits, one JSON line each (a folder store)
+//! meta/journal/<ms>-<writer>-<n>            commits, one object each (shared storage)
 //! meta/generation                           bumped by tools that remove content
 //! meta/uploads/<id>                         multipart uploads in progress (shared storage)
 //! ```
@@ -29,6 +30,8 @@ pub const TAGS: &str = "meta/tags/";
 pub const PINS: &str = "meta/pins";
 pub const ACCESS: &str = "meta/access";
 pub const JOURNAL: &str = "meta/journal";
+/// Shared storage's journal: one object per entry.
+pub const JOURNAL_ENTRIES: &str = "meta/journal/";
 pub const GENERATION: &str = "meta/generation";
 pub const UPLOADS: &str = "meta/uploads/";
 
@@ -52,6 +55,20 @@ pub fn tag(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
 /// `meta/uploads/<id>`: the record of a multipart upload in progress (`id` hex-encoded).
 pub fn upload(id_hex: &str) -> String {
     format!("{UPLOADS}{id_hex}")
+}
+
+/// `meta/journal/<unix ms>-<writer>-<n>`: one entry of a shared journal; keys sort by time.
+pub fn journal_entry(unix_ms: u64, writer: &str, n: u64) -> String {
+    format!("{JOURNAL_ENTRIES}{unix_ms:013}-{writer}-{n}")
+}
+
+/// The time (Unix ms) in a shared journal entry's key.
+pub fn journal_entry_time(key: &str) -> Option<u64> {
+    key.strip_prefix(JOURNAL_ENTRIES)?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The digest a `blobs/...` or `meta/manifests/...` key names.

@@ -42,7 +42,7 @@ impl Store {
     pub async fn put_manifest(&self, m: Arc<StoredManifest>) -> io::Result<()> {
         if self.blobs().stat(&m.digest).await?.is_none() {
             self.blobs().put(&m.digest, m.body.clone()).await?;
-            self.committed(&m.digest, m.body.len() as u64);
+            self.committed(&m.digest, m.body.len() as u64).await;
         }
         self.record_manifest_type(&m.digest, &m.media_type).await?;
         self.manifest_cache.insert(m.digest.clone(), m);
@@ -67,7 +67,8 @@ impl Store {
             self.journal_append(super::journal::Entry::Manifest {
                 digest: digest.to_string(),
                 media_type: media_type.to_owned(),
-            });
+            })
+            .await;
         }
         Ok(recorded)
     }

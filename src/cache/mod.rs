@@ -257,12 +257,16 @@ impl Store {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> io::Result<Store> {
-        let journal = Arc::new(journal::Journal::open(root)?);
         let (blobs, meta, local, tiered): (Arc<dyn backend::Blobs>, Arc<dyn backend::Meta>, _, _) =
             match storage {
                 Storage::Fs(fs) => (fs.clone(), fs.clone(), fs, false),
                 Storage::Shared { blobs, meta, local } => (blobs, meta, local, true),
             };
+        let journal = Arc::new(if tiered {
+            journal::Journal::shared(meta.clone())
+        } else {
+            journal::Journal::open(root)?
+        });
         Ok(Store {
             root: root.to_path_buf(),
             tmp: layout::tmp_dir(root),
@@ -357,7 +361,7 @@ impl Store {
     ) -> io::Result<()> {
         if !self.tiered {
             self.blobs.commit(digest, spool).await?;
-            self.committed(digest, size);
+            self.committed(digest, size).await;
             return Ok(());
         }
         self.local.commit(digest, spool).await?;
@@ -380,7 +384,8 @@ impl Store {
                 self.blobs.put(digest, data).await?;
                 self.journal_append(journal::Entry::Blob {
                     digest: digest.to_string(),
-                });
+                })
+                .await;
                 Ok(())
             }
         }
@@ -482,10 +487,11 @@ impl Store {
 
     /// A blob of `size` bytes was committed to the store (journaled; counted against the
     /// store's bound unless the store is shared storage, whose local tier is counted apart).
-    pub(crate) fn committed(&self, digest: &Digest, size: u64) {
+    pub(crate) async fn committed(&self, digest: &Digest, size: u64) {
         self.journal_append(journal::Entry::Blob {
             digest: digest.to_string(),
-        });
+        })
+        .await;
         self.usage.touch(digest);
         if !self.tiered {
             self.usage.added(size);
@@ -515,8 +521,8 @@ impl Store {
         &self.local
     }
 
-    pub(crate) fn journal_append(&self, entry: journal::Entry) {
-        if let Err(e) = self.journal.append(entry) {
+    pub(crate) async fn journal_append(&self, entry: journal::Entry) {
+        if let Err(e) = self.journal.append(entry).await {
             crate::metrics::storage_error();
             tracing::error!(error = %e, "could not append to the journal");
         }

@@ -148,14 +148,16 @@ impl TagIndex {
             .put(&layout::tag(upstream, repo, tag), Bytes::from(json))
             .await?;
         if moved {
-            self.journal.append(Entry::Tag {
-                upstream: upstream.to_string(),
-                repo: repo.to_string(),
-                tag: tag.to_string(),
-                digest: entry.digest.to_string(),
-                media_type: entry.media_type.clone(),
-                size,
-            })?;
+            self.journal
+                .append(Entry::Tag {
+                    upstream: upstream.to_string(),
+                    repo: repo.to_string(),
+                    tag: tag.to_string(),
+                    digest: entry.digest.to_string(),
+                    media_type: entry.media_type.clone(),
+                    size,
+                })
+                .await?;
         }
         Ok(entry)
     }
@@ -168,7 +170,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn freshness_follows_the_paused_clock_and_survives_reload() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("meta")).unwrap();
         let journal = Arc::new(Journal::open(dir.path()).unwrap());
         let meta: Arc<dyn Meta> = Arc::new(crate::cache::backend::memory::Memory::default());
         let idx = TagIndex::new(meta.clone(), Clock::default(), journal.clone());

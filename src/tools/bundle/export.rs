@@ -16,7 +16,7 @@ use super::{
     io_ctx, manifest_cap, unix_now, upstream_name, BundleInfo, ExportArgs, ExportError,
     BUNDLE_FILE, COPY_BUF, FORMAT, FORMAT_VERSION, INDEX_FILE, LAYOUT_FILE,
 };
-use crate::cache::journal::{self, Entry};
+use crate::cache::journal::Entry;
 use crate::cache::{layout, pins, tags};
 use crate::config::{parse_image_ref, PinConfig};
 use crate::oci::{media, Digest, Hasher, Reference};
@@ -47,8 +47,7 @@ pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result
         _ => io_ctx(format!("cannot open the store {}", root.display()))(e),
     })?;
     // Read before anything else: whatever commits after this is sent again by the next delta.
-    let marker =
-        journal::last_seq(&journal::path(root)).map_err(io_ctx("cannot read the journal"))?;
+    let marker = bs.store().journal.last_seq();
     if let Some(since) = args.since.filter(|s| *s > marker) {
         return Err(ExportError::Usage(format!(
             "--since {since} is past this store's journal (its last entry is {marker}): was that marker printed by an export of this store?"
@@ -96,7 +95,7 @@ pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result
 
     let mut blobs = Closure::default();
     if let Some(since) = args.since {
-        let (fresh, moved) = journal_since(root, since)?;
+        let (fresh, moved) = journal_since(&bs, since)?;
         images.retain(|i| {
             let tag_moved = match &i.name.reference {
                 Reference::Tag(tag) => moved.contains(&(
@@ -251,10 +250,13 @@ fn resolve(bs: &BlockingStore, name: &PinConfig) -> Result<(Digest, String), Str
 /// the tags that moved, as (upstream, repository, tag).
 type Moved = HashSet<(String, String, String)>;
 
-fn journal_since(root: &Path, since: u64) -> Result<(HashSet<Digest>, Moved), ExportError> {
+fn journal_since(bs: &BlockingStore, since: u64) -> Result<(HashSet<Digest>, Moved), ExportError> {
     let mut fresh = HashSet::new();
     let mut moved = HashSet::new();
-    for line in journal::read_since(root, since).map_err(io_ctx("cannot read the journal"))? {
+    let lines = bs
+        .wait(bs.store().journal.read_since(since))
+        .map_err(io_ctx("cannot read the journal"))?;
+    for line in lines {
         match line.entry {
             Entry::Blob { digest } | Entry::Manifest { digest, .. } => {
                 if let Ok(d) = digest.parse() {

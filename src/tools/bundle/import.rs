@@ -514,7 +514,7 @@ impl Staging {
                         .map_err(imp_io(format!("cannot open the staged {digest}")))?;
                     bs.wait(store.blobs().commit(digest, spool))
                         .map_err(imp_io(format!("cannot move {digest} into the store")))?;
-                    store.committed(digest, *size);
+                    bs.wait(store.committed(digest, *size));
                     done.new_blobs += 1;
                     done.new_bytes += size;
                 }
