@@ -22,6 +22,9 @@ pub const EVICTIONS: &str = "entrepot_evictions_total";
 pub const EVICTED_BYTES: &str = "entrepot_evicted_bytes_total";
 pub const STORAGE_ERRORS: &str = "entrepot_storage_errors_total";
 const S3_ABORTED_UPLOADS: &str = "entrepot_s3_aborted_uploads_total";
+const S3_REQUESTS: &str = "entrepot_s3_requests_total";
+const S3_DURATION: &str = "entrepot_s3_request_duration_seconds";
+const S3_VISIBILITY_MISSES: &str = "entrepot_s3_visibility_misses_total";
 const BUCKET_FILLS: &str = "entrepot_bucket_fills_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -31,6 +34,11 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(S3_DURATION.to_string()),
+                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+                .expect("bucket list is not empty")
                 .set_buckets_for_metric(
                     Matcher::Full(UPSTREAM_DURATION.to_string()),
                     &[
@@ -103,6 +111,19 @@ fn describe() {
         "Multipart uploads to the bucket aborted after an error (nothing became visible)."
     );
     describe_counter!(
+        S3_REQUESTS,
+        "Requests sent to the bucket, by S3 operation and status (none: no answer); retries count."
+    );
+    describe_histogram!(
+        S3_DURATION,
+        metrics::Unit::Seconds,
+        "Time until the bucket answered, by S3 operation."
+    );
+    describe_counter!(
+        S3_VISIBILITY_MISSES,
+        "Objects the bucket listed or reported but then did not serve (read-after-write or replication lag)."
+    );
+    describe_counter!(
         BUCKET_FILLS,
         "Blobs copied from the bucket into this replica's local tier (no upstream request)."
     );
@@ -166,4 +187,14 @@ pub fn s3_upload_aborted() {
 
 pub fn bucket_fill() {
     counter!(BUCKET_FILLS).increment(1);
+}
+
+pub fn s3_request(operation: &'static str, status: Option<u16>, took: Duration) {
+    let status = status.map_or_else(|| "none".to_string(), |s| s.to_string());
+    counter!(S3_REQUESTS, "operation" => operation, "status" => status).increment(1);
+    histogram!(S3_DURATION, "operation" => operation).record(took.as_secs_f64());
+}
+
+pub fn s3_visibility_miss() {
+    counter!(S3_VISIBILITY_MISSES).increment(1);
 }

@@ -157,6 +157,16 @@ async fn a_replica_with_an_empty_root_serves_what_the_bucket_holds_with_no_upstr
         .get(&format!("/v2/team/app/blobs/{}", img.layers[0]))
         .await;
     assert_eq!(r.headers()["X-Entrepot-Cache"], "hit");
+
+    // The bucket's requests are counted by operation and status.
+    let metrics = second.get("/metrics").await.text().await.unwrap();
+    for line in [
+        "entrepot_s3_requests_total{operation=\"CompleteMultipartUpload\",status=\"200\"}",
+        "entrepot_s3_requests_total{operation=\"GetObject\",status=\"206\"}",
+        "entrepot_bucket_fills_total",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -422,8 +422,14 @@ fn from_shared(store: Arc<Store>, digest: Digest, size: u64) -> ByteStream {
             let end = (off + SHARED_READ).min(size);
             match store.blobs().read_range(&digest, off..end).await {
                 Ok(Some(b)) if b.len() as u64 == end - off => Ok(Some((b, end))),
+                Ok(None) => {
+                    crate::metrics::s3_visibility_miss();
+                    Err(FillError::Storage(
+                        "the shared copy is no longer there".into(),
+                    ))
+                }
                 Ok(_) => Err(FillError::Storage(
-                    "the shared copy vanished or is shorter than listed".into(),
+                    "the shared copy is shorter than listed".into(),
                 )),
                 Err(e) => Err(storage_error(e)),
             }

@@ -9,6 +9,7 @@
 pub mod fs;
 pub mod memory;
 pub mod s3;
+mod s3_metrics;
 
 use std::io;
 use std::ops::Range;

@@ -71,6 +71,7 @@ impl S3 {
             .with_bucket_name(&cfg.bucket)
             .with_virtual_hosted_style_request(false)
             .with_client_options(options)
+            .with_http_connector(super::s3_metrics::CountingConnector)
             .with_retry(retry);
         if let Some(endpoint) = &cfg.endpoint {
             b = b.with_endpoint(endpoint.as_str().trim_end_matches('/'));
