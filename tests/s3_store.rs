@@ -541,3 +541,38 @@ async fn with_redirect_committed_blobs_are_answered_with_a_presigned_get() {
     );
     assert_eq!(env.up.count("GET", "/blobs/"), 1);
 }
+
+#[tokio::test]
+async fn regression_a_bucket_lost_mid_fill_leaves_the_client_served_from_the_upstream() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 50, 24 * MIB);
+    let first = env.replica().await;
+    blob(&first, "team/app", &img.layers[0]).await;
+    first.wait_idle().await;
+    // The second replica fills from the bucket; after the first 8 MiB every read fails.
+    env.relay
+        .fault(Op::GetObject, Fault::Close, Limit::After(1));
+    let second = env.replica_via_relay().await;
+    let asked = env.up.count("GET", "/blobs/");
+    assert_eq!(
+        sha256_digest(&blob(&second, "team/app", &img.layers[0]).await),
+        img.layers[0]
+    );
+    assert!(env.relay.count(Op::GetObject) >= 2, "{:?}", env.relay.ops());
+    // The rest came from the upstream, as a range.
+    assert_eq!(env.up.count("GET", "/blobs/"), asked + 1);
+}
+
+#[tokio::test]
+async fn regression_refused_credentials_degrade_to_the_upstream_and_store_nothing() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 51, 12 * MIB);
+    let storage = env
+        .storage(&env.garage.endpoint())
+        .replace(env.garage.secret_access_key(), &"0".repeat(64));
+    let proxy = Proxy::start_with(&storage, &upstream("fake", &env.up.url(), true, "")).await;
+    proxy.pull_image("team/app", "v1").await.unwrap();
+    proxy.wait_idle().await;
+    assert!(env.keys("blobs").await.is_empty());
+    assert_eq!(proxy.get("/readyz").await.status(), 503);
+}

@@ -141,6 +141,8 @@ pub enum Limit {
     For(Duration),
     /// Until [`S3Relay::clear_faults`].
     Always,
+    /// Every matching request after the first this many (which pass untouched).
+    After(usize),
 }
 
 /// One request the relay saw, once its outcome was known.
@@ -256,6 +258,7 @@ impl S3Relay {
             limit,
             set_at: Instant::now(),
             fired: fired.clone(),
+            seen: AtomicUsize::new(0),
         });
         FaultHandle { fired }
     }
@@ -343,12 +346,12 @@ impl Shared {
     fn take_fault(&self, req: &Request) -> Option<Fault> {
         let rules = lock(&self.rules);
         let rule = rules.iter().find(|rule| {
-            rule.op == req.op
+            let matching = rule.op == req.op
                 && rule
                     .key_contains
                     .as_deref()
-                    .is_none_or(|part| req.key.contains(part))
-                && rule.armed()
+                    .is_none_or(|part| req.key.contains(part));
+            matching && rule.armed(rule.seen.fetch_add(1, Ordering::SeqCst))
         })?;
         rule.fired.fetch_add(1, Ordering::SeqCst);
         Some(rule.fault)
@@ -401,14 +404,18 @@ struct Rule {
     limit: Limit,
     set_at: Instant,
     fired: Arc<AtomicUsize>,
+    /// Matching requests so far, faulted or not.
+    seen: AtomicUsize,
 }
 
 impl Rule {
-    fn armed(&self) -> bool {
+    /// Whether the rule applies to a matching request, `seen` others having come before it.
+    fn armed(&self, seen: usize) -> bool {
         match self.limit {
             Limit::Times(n) => self.fired.load(Ordering::SeqCst) < n,
             Limit::For(d) => self.set_at.elapsed() < d,
             Limit::Always => true,
+            Limit::After(n) => seen >= n,
         }
     }
 }
