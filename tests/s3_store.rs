@@ -574,5 +574,9 @@ async fn regression_refused_credentials_degrade_to_the_upstream_and_store_nothin
     proxy.pull_image("team/app", "v1").await.unwrap();
     proxy.wait_idle().await;
     assert!(env.keys("blobs").await.is_empty());
+    assert!(
+        proxy.blob_path(&img.layers[0]).exists(),
+        "the replica keeps its verified local copy"
+    );
     assert_eq!(proxy.get("/readyz").await.status(), 503);
 }

@@ -176,6 +176,10 @@ async fn sweep_once(
         // The bucket's own bound, if it has one: whole images, as on disk.
         if let StorageBackend::S3(s3) = &cfg.backend {
             if let (Some(max), Some(low)) = (s3.max_size, s3.low_water) {
+                // Other replicas' uses count: read their records first.
+                if let Err(e) = store.load_usage().await {
+                    tracing::warn!(error = %e, "could not read other replicas' use stamps");
+                }
                 let inv = Inventory::load(store).await?;
                 evict_images(store, &inv, max, low, pins, upstream_names).await?;
             }

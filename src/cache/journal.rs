@@ -85,13 +85,8 @@ impl Journal {
         })
     }
 
-    /// The journal of shared storage.
-    pub fn shared(meta: Arc<dyn Meta>) -> Journal {
-        // Random per writer (std's hasher keys are): replicas in containers all have pid 1.
-        let writer = format!(
-            "{:016x}",
-            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0)
-        );
+    /// The journal of shared storage, written as `writer` (this replica's id).
+    pub fn shared(meta: Arc<dyn Meta>, writer: String) -> Journal {
         Journal::Shared {
             meta,
             writer,
@@ -245,7 +240,10 @@ mod tests {
     #[tokio::test]
     async fn a_shared_journal_takes_entries_from_several_writers() {
         let meta: Arc<dyn Meta> = Arc::new(crate::cache::backend::memory::Memory::default());
-        let (a, b) = (Journal::shared(meta.clone()), Journal::shared(meta.clone()));
+        let (a, b) = (
+            Journal::shared(meta.clone(), "a".into()),
+            Journal::shared(meta.clone(), "b".into()),
+        );
         let marker = a.last_seq();
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         a.append(Entry::Blob { digest: "x".into() }).await.unwrap();

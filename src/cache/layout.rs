@@ -7,6 +7,7 @@
 //! meta/tags/<upstream>/<repo>/_tags/<tag>   tag → digest, media type, size, fetched-at
 //! meta/pins                                 pins recorded by prefetch and import
 //! meta/access                               last use of each blob (use stamps)
+//! meta/access/<replica>                     the same, one record per replica (shared storage)
 //! meta/journal                              commits, one JSON line each (a folder store)
 //! meta/journal/<ms>-<writer>-<n>            commits, one object each (shared storage)
 //! meta/generation                           bumped by tools that remove content
@@ -29,6 +30,8 @@ pub const MANIFESTS: &str = "meta/manifests/";
 pub const TAGS: &str = "meta/tags/";
 pub const PINS: &str = "meta/pins";
 pub const ACCESS: &str = "meta/access";
+/// Shared storage: one use-stamp record per replica, merged when read.
+pub const ACCESS_BY_REPLICA: &str = "meta/access/";
 pub const JOURNAL: &str = "meta/journal";
 /// Shared storage's journal: one object per entry.
 pub const JOURNAL_ENTRIES: &str = "meta/journal/";
@@ -97,6 +100,16 @@ pub fn path(root: &Path, key: &str) -> PathBuf {
 /// is a rename).
 pub fn tmp_dir(root: &Path) -> PathBuf {
     root.join("tmp")
+}
+
+/// `meta/access/<replica>`
+pub fn access_of(replica: &str) -> String {
+    format!("{ACCESS_BY_REPLICA}{replica}")
+}
+
+/// This replica's name for itself in shared storage, kept in its local root.
+pub fn replica_id_file(root: &Path) -> PathBuf {
+    root.join("replica-id")
 }
 
 /// The lock one process holds on a store folder.

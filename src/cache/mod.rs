@@ -76,6 +76,24 @@ impl Drop for InProgress {
     }
 }
 
+/// This replica's id, kept in `root` so that it stays the same across restarts.
+fn replica_id(root: &Path) -> io::Result<String> {
+    let path = layout::replica_id_file(root);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // Random (std's hasher keys are): replicas in containers all have pid 1.
+    let id = format!(
+        "{:016x}",
+        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0)
+    );
+    std::fs::write(&path, &id)?;
+    Ok(id)
+}
+
 /// What a store is made of.
 enum Storage {
     /// A folder, which is both the store and the local copies.
@@ -120,6 +138,8 @@ pub struct Store {
     local: Arc<backend::fs::Fs>,
     /// `blobs` is shared storage behind the local tier.
     tiered: bool,
+    /// With shared storage, this replica's stable id (its records are named after it).
+    replica: String,
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
     /// Bumped (under the `fills` lock) whenever a fill leaves the map, after its commit: a
     /// lookup that missed while a fill was committing sees it change and looks again.
@@ -262,8 +282,13 @@ impl Store {
                 Storage::Fs(fs) => (fs.clone(), fs.clone(), fs, false),
                 Storage::Shared { blobs, meta, local } => (blobs, meta, local, true),
             };
+        let replica = if tiered {
+            replica_id(root)?
+        } else {
+            String::new()
+        };
         let journal = Arc::new(if tiered {
-            journal::Journal::shared(meta.clone())
+            journal::Journal::shared(meta.clone(), replica.clone())
         } else {
             journal::Journal::open(root)?
         });
@@ -275,6 +300,7 @@ impl Store {
             meta,
             local,
             tiered,
+            replica,
             journal,
             fills: Mutex::new(HashMap::new()),
             fills_ended: AtomicU64::new(0),
@@ -645,19 +671,31 @@ impl Store {
         self.tags.forget_all();
     }
 
-    /// Loads the saved use stamps (at start-up).
+    /// Loads the saved use stamps: the store's record, and with shared storage every
+    /// replica's, merged (the latest use of a blob anywhere wins).
     pub async fn load_usage(&self) -> io::Result<()> {
-        if let Some(text) = self.meta.get(layout::ACCESS).await? {
-            self.usage.load(&text);
+        let mut keys = vec![layout::ACCESS.to_owned()];
+        if self.tiered {
+            keys.extend(self.meta.list(layout::ACCESS_BY_REPLICA).await?);
+        }
+        for key in keys {
+            if let Some(text) = self.meta.get(&key).await? {
+                self.usage.load(&text);
+            }
         }
         Ok(())
     }
 
-    /// Saves the use stamps if they changed since the last save.
+    /// Saves the use stamps if they changed since the last save (with shared storage, as
+    /// this replica's record).
     pub async fn save_usage(&self) -> io::Result<()> {
-        match self.usage.changes() {
-            Some(text) => self.meta.put(layout::ACCESS, text).await,
-            None => Ok(()),
+        let Some(text) = self.usage.changes() else {
+            return Ok(());
+        };
+        if self.tiered {
+            self.meta.put(&layout::access_of(&self.replica), text).await
+        } else {
+            self.meta.put(layout::ACCESS, text).await
         }
     }
 
@@ -748,7 +786,12 @@ mod tests {
         assert_eq!(store.recorded_pins().await.unwrap(), vec![pin]);
         store.usage.touch(&layer);
         store.save_usage().await.unwrap();
-        assert!(store.meta().get(layout::ACCESS).await.unwrap().is_some());
+        assert!(store
+            .meta()
+            .get(&layout::access_of(&store.replica))
+            .await
+            .unwrap()
+            .is_some());
 
         let inv = inventory::Inventory::load(&store).await.unwrap();
         assert_eq!(inv.blobs.len(), 2);
@@ -813,6 +856,42 @@ mod tests {
             store.blob(&digest, None).await.unwrap(),
             BlobState::Hit { .. }
         ));
+    }
+
+    /// Replicas sharing storage each save their own use stamps; a replica reading them sees
+    /// the latest use of each blob anywhere (a shared record would keep only the last saver's).
+    #[tokio::test]
+    async fn replicas_use_stamps_merge() {
+        let mem = Arc::new(backend::memory::Memory::default());
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let open = |dir: &Path| {
+            Store::with_backends(
+                dir,
+                mem.clone(),
+                mem.clone(),
+                None,
+                Clock::default(),
+                TaskTracker::new(),
+                CancellationToken::new(),
+            )
+            .unwrap()
+        };
+        let (a, b) = (open(dirs[0].path()), open(dirs[1].path()));
+        let (x, y) = (Digest::sha256_of(b"x"), Digest::sha256_of(b"y"));
+        a.usage.touch(&x);
+        b.usage.touch(&y);
+        a.save_usage().await.unwrap();
+        b.save_usage().await.unwrap();
+        let c = open(dirs[2].path());
+        c.load_usage().await.unwrap();
+        assert_eq!(c.usage.last_use(&x), a.usage.last_use(&x));
+        assert_eq!(c.usage.last_use(&y), b.usage.last_use(&y));
+        // A replica keeps its id across restarts (its records stay its own).
+        drop(a);
+        assert_eq!(
+            open(dirs[0].path()).replica,
+            replica_id(dirs[0].path()).unwrap()
+        );
     }
 
     /// A fill task that panicked used to leave its digest in the in-progress map for ever:

@@ -151,9 +151,9 @@ impl Usage {
         )
     }
 
-    /// Loads saved use stamps (older records hold seconds); entries already recorded in
-    /// memory are newer and kept, and stamps handed out from now on are later than every one
-    /// loaded.
+    /// Loads saved use stamps (older records hold seconds), keeping the later of a loaded and
+    /// a known stamp (several replicas' records merge); stamps handed out from now on are
+    /// later than every one loaded.
     pub fn load(&self, saved: &[u8]) {
         let text = String::from_utf8_lossy(saved);
         let mut a = self.access.lock().unwrap();
@@ -165,7 +165,8 @@ impl Usage {
             ) {
                 let ms = if t < SECONDS_BEFORE { t * 1000 } else { t };
                 self.last_stamp.fetch_max(ms, Ordering::Relaxed);
-                a.entry(d).or_insert(ms);
+                let known = a.entry(d).or_insert(ms);
+                *known = (*known).max(ms);
             }
         }
     }

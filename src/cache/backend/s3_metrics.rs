@@ -7,8 +7,7 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService,
-    ReqwestConnector,
+    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
 };
 use object_store::ClientOptions;
 
@@ -38,7 +37,11 @@ impl HttpService for Counted {
         'a: 'f,
         Self: 'f,
     {
-        let op = operation(req.method(), req.uri().path(), req.uri().query().unwrap_or(""));
+        let op = operation(
+            req.method(),
+            req.uri().path(),
+            req.uri().query().unwrap_or(""),
+        );
         Box::pin(async move {
             let started = Instant::now();
             let result = self.inner.execute(req).await;
@@ -88,7 +91,12 @@ mod tests {
             (Method::PUT, "/b/k", "", "PutObject"),
             (Method::POST, "/b/k", "uploads", "CreateMultipartUpload"),
             (Method::PUT, "/b/k", "partNumber=2&uploadId=x", "UploadPart"),
-            (Method::POST, "/b/k", "uploadId=x", "CompleteMultipartUpload"),
+            (
+                Method::POST,
+                "/b/k",
+                "uploadId=x",
+                "CompleteMultipartUpload",
+            ),
             (Method::DELETE, "/b/k", "uploadId=x", "AbortMultipartUpload"),
             (Method::DELETE, "/b/k", "", "DeleteObject"),
             (Method::GET, "/b", "list-type=2&prefix=meta", "ListObjects"),
