@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod evict;
 pub mod fill;
+mod generation;
 pub mod inventory;
 pub mod journal;
 pub mod layout;
@@ -17,6 +18,7 @@ pub mod read;
 pub mod tags;
 mod tail;
 pub mod temp;
+mod tier;
 pub mod usage;
 
 use std::collections::HashMap;
@@ -106,6 +108,15 @@ enum Storage {
     },
 }
 
+/// Takes the folder `root` for this process: its lock first (the spool may belong to another
+/// live process), then an empty spool; the folder as a filesystem backend.
+fn claim(root: &Path) -> io::Result<(lock::StoreLock, Arc<backend::fs::Fs>)> {
+    std::fs::create_dir_all(root)?;
+    let store_lock = lock::acquire(root)?;
+    empty_spool(root)?;
+    Ok((store_lock, Arc::new(backend::fs::Fs::at(root)?)))
+}
+
 /// Empties the spool folder: what is there was left by a process that stopped mid-fill.
 fn empty_spool(root: &Path) -> io::Result<()> {
     let tmp = layout::tmp_dir(root);
@@ -173,11 +184,7 @@ impl Store {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> io::Result<Store> {
-        std::fs::create_dir_all(root)?;
-        // Before anything else: the temp folder may belong to another live process.
-        let store_lock = lock::acquire(root)?;
-        empty_spool(root)?;
-        let fs = Arc::new(backend::fs::Fs::at(root)?);
+        let (store_lock, fs) = claim(root)?;
         Store::assemble(
             root,
             Storage::Fs(fs),
@@ -253,10 +260,7 @@ impl Store {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> io::Result<Store> {
-        std::fs::create_dir_all(root)?;
-        let store_lock = lock::acquire(root)?;
-        empty_spool(root)?;
-        let local = Arc::new(backend::fs::Fs::at(root)?);
+        let (store_lock, local) = claim(root)?;
         Store::assemble(
             root,
             Storage::Shared { blobs, meta, local },
@@ -346,77 +350,6 @@ impl Store {
             || (self.tiered && self.blobs.stat(digest).await?.is_some()))
     }
 
-    /// Where a client may fetch a committed blob straight from shared storage (S3 with
-    /// `redirect = true`): only for a blob that is there and not being filled.
-    pub async fn redirect(&self, digest: &Digest) -> Option<String> {
-        if !self.tiered || self.fill_in_progress(digest).is_some() {
-            return None;
-        }
-        let url = match self.blobs.presigned_get(digest).await {
-            Ok(Some(url)) => url,
-            Ok(None) => return None,
-            Err(e) => {
-                tracing::warn!(digest = %digest, error = %e, "could not presign a GET; serving the blob");
-                return None;
-            }
-        };
-        // Only a blob shared storage is known to have (one HEAD, remembered a while).
-        if !self.shared_seen.contains_key(digest) {
-            match self.blobs.stat(digest).await {
-                Ok(Some(_)) => self.shared_seen.insert(digest.clone(), ()),
-                _ => return None,
-            }
-        }
-        Some(url)
-    }
-
-    /// Is content kept in shared storage behind a local tier?
-    pub fn is_tiered(&self) -> bool {
-        self.tiered
-    }
-
-    /// Makes a verified fill's spool file a stored blob. From the upstream: into the store
-    /// (with shared storage: the local tier, then uploaded from there), journaled. From shared
-    /// storage: into the local tier only.
-    pub(crate) async fn commit_fill(
-        &self,
-        digest: &Digest,
-        spool: temp::TempFile,
-        size: u64,
-        origin: fill::Origin,
-    ) -> io::Result<()> {
-        if !self.tiered {
-            self.blobs.commit(digest, spool).await?;
-            self.committed(digest, size).await;
-            return Ok(());
-        }
-        self.local.commit(digest, spool).await?;
-        self.usage.added(size);
-        self.usage.touch(digest);
-        if self.max_size.is_some_and(|m| self.usage.bytes() > m) {
-            self.over_limit.notify_one();
-        }
-        match origin {
-            fill::Origin::Shared { .. } => {
-                crate::metrics::bucket_fill();
-                Ok(())
-            }
-            fill::Origin::Upstream => {
-                // Uploaded from a mapping of the local copy: parts are slices of the page
-                // cache, not copies in memory.
-                let data = self.local.open(digest).await?.ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, "the local copy vanished")
-                })?;
-                self.blobs.put(digest, data).await?;
-                self.journal_append(journal::Entry::Blob {
-                    digest: digest.to_string(),
-                })
-                .await;
-                Ok(())
-            }
-        }
-    }
-
     /// The fill of `digest` running now, if any.
     pub fn fill_in_progress(&self, digest: &Digest) -> Option<Arc<Fill>> {
         self.fills.lock().unwrap().get(digest).cloned()
@@ -495,22 +428,6 @@ impl Store {
         }
     }
 
-    /// The size of a blob shared storage has (and this process does not). Shared storage that
-    /// fails is counted and treated as not having it: the upstream is asked instead.
-    async fn shared_size(&self, digest: &Digest) -> Option<u64> {
-        if !self.tiered {
-            return None;
-        }
-        match self.blobs.stat(digest).await {
-            Ok(size) => size,
-            Err(e) => {
-                crate::metrics::storage_error();
-                tracing::warn!(digest = %digest, error = %e, "shared storage unavailable; asking the upstream");
-                None
-            }
-        }
-    }
-
     /// A blob of `size` bytes was committed to the store (journaled; counted against the
     /// store's bound unless the store is shared storage, whose local tier is counted apart).
     pub(crate) async fn committed(&self, digest: &Digest, size: u64) {
@@ -525,26 +442,6 @@ impl Store {
                 self.over_limit.notify_one();
             }
         }
-    }
-
-    /// Removes local copies of blobs (the local tier's eviction; shared storage keeps them).
-    pub(crate) async fn drop_local(&self, digests: &[Digest], freed: u64) -> io::Result<()> {
-        for d in digests {
-            self.mapped.invalidate(d);
-            self.local.delete(d).await?;
-        }
-        self.usage.removed(digests);
-        self.usage.set_totals(
-            self.usage.bytes().saturating_sub(freed),
-            self.usage.entries().saturating_sub(digests.len() as u64),
-        );
-        crate::metrics::evicted(digests.len() as u64, freed);
-        Ok(())
-    }
-
-    /// This process's copies of blobs.
-    pub(crate) fn local(&self) -> &backend::fs::Fs {
-        &self.local
     }
 
     pub(crate) async fn journal_append(&self, entry: journal::Entry) {
@@ -624,53 +521,6 @@ impl Store {
             .await
     }
 
-    /// Tells running servers that content was removed behind their back (by `entrepot cache`):
-    /// they drop what they hold in memory and look at storage again.
-    pub async fn bump_generation(&self) -> io::Result<()> {
-        let stamp = format!("{} {}", usage::unix_now_ms(), std::process::id());
-        self.meta.put(layout::GENERATION, Bytes::from(stamp)).await
-    }
-
-    /// Watches the generation record until `stopping`: when a tool bumps it, every in-memory
-    /// mapping, manifest and tag is dropped, so removed content is fetched again and its space
-    /// freed once the last reader is done.
-    pub async fn watch_generation(
-        self: Arc<Self>,
-        every: std::time::Duration,
-        stopping: CancellationToken,
-    ) {
-        let mut seen = self.meta.get(layout::GENERATION).await.ok().flatten();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stopping.cancelled() => return,
-            }
-            let now = match self.meta.get(layout::GENERATION).await {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::debug!(error = %e, "could not read the store generation");
-                    continue;
-                }
-            };
-            if now != seen {
-                tracing::info!("store changed by another process; dropping in-memory caches");
-                self.forget_cached();
-                seen = now;
-            }
-        }
-    }
-
-    /// Drops every in-memory copy of stored state; storage is read again on the next request.
-    fn forget_cached(&self) {
-        self.mapped.invalidate_all();
-        self.shared_seen.invalidate_all();
-        self.manifest_cache.invalidate_all();
-        // Invalidation is lazy: drop the mappings now, so removed files' space is freed.
-        self.mapped.run_pending_tasks();
-        self.manifest_cache.run_pending_tasks();
-        self.tags.forget_all();
-    }
-
     /// Loads the saved use stamps: the store's record, and with shared storage every
     /// replica's, merged (the latest use of a blob anywhere wins).
     pub async fn load_usage(&self) -> io::Result<()> {
@@ -716,16 +566,6 @@ impl Store {
         Ok(())
     }
 
-    /// How often to look for changes made by other processes (`entrepot cache`, and with
-    /// shared storage other replicas' tools): a file is cheap to look at, a bucket less so.
-    pub fn generation_check_interval(&self) -> std::time::Duration {
-        if self.tiered {
-            std::time::Duration::from_secs(5)
-        } else {
-            std::time::Duration::from_millis(500)
-        }
-    }
-
     /// Number of fills running now.
     pub fn fills_in_progress(&self) -> usize {
         self.fills.lock().unwrap().len()
@@ -734,11 +574,11 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use futures_util::{StreamExt, TryStreamExt};
+    use futures_util::StreamExt;
 
     use super::*;
 
-    fn memory_store(dir: &Path) -> Arc<Store> {
+    pub(super) fn memory_store(dir: &Path) -> Arc<Store> {
         let mem = Arc::new(backend::memory::Memory::default());
         Arc::new(
             Store::with_backends(
@@ -811,51 +651,6 @@ mod tests {
         assert!(store.manifest(&m.digest).await.unwrap().is_none());
         assert!(store.tags.get(&up, &repo, &tag).await.is_none());
         assert!(!store.has_blob(&layer).await.unwrap());
-    }
-
-    /// With shared storage behind a local tier, a blob the shared store has is copied into the
-    /// tier by a fill (followers stream it, the upstream is never asked), then served as a hit.
-    #[tokio::test]
-    async fn a_local_miss_is_filled_from_shared_storage() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = memory_store(dir.path());
-        let data = Bytes::from(vec![7u8; 20 << 20]);
-        let digest = Digest::sha256_of(&data);
-        store.blobs().put(&digest, data.clone()).await.unwrap();
-        assert!(store.local().stat(&digest).await.unwrap().is_none());
-
-        let BlobState::Fill {
-            fill,
-            joined: false,
-        } = store
-            .blob(&digest, Some(fill::test_source()))
-            .await
-            .unwrap()
-        else {
-            panic!("a local miss starts a fill");
-        };
-        assert_eq!(
-            fill.origin(),
-            fill::Origin::Shared {
-                size: data.len() as u64
-            }
-        );
-        let got: Vec<Bytes> = read::follow(fill.clone(), 0, Some(data.len() as u64))
-            .try_collect()
-            .await
-            .unwrap();
-        assert_eq!(got.concat(), data);
-        assert!(matches!(fill.finished().await, Progress::Done { .. }));
-        store.tracker.close();
-        store.tracker.wait().await;
-        assert_eq!(
-            store.local().stat(&digest).await.unwrap(),
-            Some(data.len() as u64)
-        );
-        assert!(matches!(
-            store.blob(&digest, None).await.unwrap(),
-            BlobState::Hit { .. }
-        ));
     }
 
     /// Replicas sharing storage each save their own use stamps; a replica reading them sees
