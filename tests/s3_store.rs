@@ -259,6 +259,27 @@ async fn regression_a_malformed_head_answer_is_a_miss_not_an_error() {
 }
 
 #[tokio::test]
+async fn regression_a_malformed_get_answer_is_served_from_the_upstream() {
+    let env = Env::start().await;
+    let img = env.image("team/app", 60, 12 * MIB);
+    let first = env.replica().await;
+    blob(&first, "team/app", &img.layers[0]).await;
+    first.wait_idle().await;
+    env.relay
+        .fault(Op::GetObject, Fault::MalformedStatus, Limit::Always);
+    let second = env.replica_via_relay().await;
+    assert_eq!(
+        sha256_digest(&blob(&second, "team/app", &img.layers[0]).await),
+        img.layers[0]
+    );
+    assert_eq!(env.up.count("GET", "/blobs/"), 2);
+    assert!(
+        !second.blob_path(&img.layers[0]).exists(),
+        "nothing unverified was kept"
+    );
+}
+
+#[tokio::test]
 async fn regression_an_object_not_visible_yet_is_a_miss() {
     let env = Env::start().await;
     let img = env.image("team/app", 7, 12 * MIB);

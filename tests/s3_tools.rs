@@ -1,6 +1,7 @@
 //! The tools on the S3 backend, through the real binary: `prefetch` fills the bucket,
 //! `cache ls` lists it, `export` writes a bundle from it, `import` loads the bundle into
-//! another bucket, and `cache rm` removes an image from the bucket.
+//! another bucket, `cache verify` takes out an object that does not match its key, and
+//! `cache rm` removes an image from the bucket.
 //!
 //! Needs `garage` 2.5.0 (`bash .ci/install-garage.sh`).
 
@@ -69,7 +70,7 @@ async fn blob_keys(garage: &Garage, bucket: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefetch_ls_export_import_and_rm_work_on_buckets() {
+async fn prefetch_ls_export_import_verify_and_rm_work_on_buckets() {
     let garage = Garage::start().await.unwrap();
     garage.create_bucket("site").await.unwrap();
     let up = FakeRegistry::start().await;
@@ -119,6 +120,27 @@ async fn prefetch_ls_export_import_and_rm_work_on_buckets() {
     assert_eq!(blob_keys(&garage, "site").await, stored);
     let ls = run(&["cache", "ls", "--config", site]);
     assert!(ls.contains("up/team/a") && ls.contains("2 tags"), "{ls}");
+
+    // verify finds an object whose bytes do not match its key and takes it out.
+    let s3 = garage.s3_builder().build().unwrap();
+    let victim = format!("blobs/{}", b.layers[0].replace(':', "/"));
+    object_store::ObjectStoreExt::put(
+        &s3,
+        &ObjectPath::from(victim.as_str()),
+        Bytes::from_static(b"not the layer").into(),
+    )
+    .await
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["cache", "verify", "--config", online])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && text.contains("1 corrupt"),
+        "{text}"
+    );
+    assert!(!blob_keys(&garage, garage.bucket()).await.contains(&victim));
 
     // rm takes an image out of the bucket.
     run(&["cache", "rm", "--config", online, "up/team/a:v1"]);

@@ -249,16 +249,18 @@ pub fn verify(t: &Target, out: &mut impl io::Write) -> Result<usize, Maintenance
         let mut bad = Vec::new();
         let mut bytes = 0;
         for d in digests {
-            let Some(data) = store.blobs().open(d).await? else {
+            let size = inv.blobs[d].0;
+            let Some(actual) = hash_stored(&store, d, size).await? else {
                 continue; // removed meanwhile
             };
-            bytes += data.len() as u64;
-            let mut h = Hasher::new(d.algorithm());
-            h.update(&data);
-            if h.finish() != *d {
+            bytes += size;
+            if actual != *d {
+                // The corrupt bytes are kept aside for a look, then the blob goes.
                 let dest = quarantine.join(format!("{}-{}", d.algorithm().as_str(), d.hex()));
                 tokio::fs::create_dir_all(&quarantine).await?;
-                tokio::fs::write(&dest, &data).await?;
+                if let Some(data) = store.blobs().read(d).await? {
+                    tokio::fs::write(&dest, &data).await?;
+                }
                 store.blobs().delete(d).await?;
                 writeln!(out, "corrupt: {d} → {}", dest.display())?;
                 bad.push(d.clone());
@@ -291,6 +293,26 @@ pub fn verify(t: &Target, out: &mut impl io::Write) -> Result<usize, Maintenance
         )?;
         Ok(bad.len())
     })
+}
+
+/// The digest of a stored blob's bytes, read piece by piece (a bucket's blobs are never held
+/// whole in memory); `None` when it is gone.
+async fn hash_stored(store: &Store, d: &Digest, size: u64) -> io::Result<Option<Digest>> {
+    const PIECE: u64 = 8 << 20;
+    let mut h = Hasher::new(d.algorithm());
+    let mut off = 0;
+    while off < size {
+        let end = (off + PIECE).min(size);
+        match store.blobs().read_range(d, off..end).await {
+            Ok(Some(piece)) => h.update(&piece),
+            Ok(None) => return Ok(None),
+            // Shorter than listed: corrupt (a truncated file).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        off = end;
+    }
+    Ok(Some(h.finish()))
 }
 
 /// `cache gc`: evicts least recently used images (never pinned ones) down to `to` bytes, or
