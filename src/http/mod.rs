@@ -36,12 +36,13 @@ pub struct AppState {
 /// One proxied request after routing.
 pub struct Ctx {
     pub upstream: Arc<Upstream>,
-    /// The repository name to ask the upstream for.
+    /// The repository name to ask the upstream for (admitted by its `allow` / `deny`).
     pub repo: RepoName,
     /// The name as the client wrote it (with any upstream prefix), for rewritten links.
     pub client_name: RepoName,
     pub ns: Option<String>,
     pub head: bool,
+    /// The client's request headers without `Authorization` and `Proxy-Authorization`.
     pub headers: HeaderMap,
     pub query: Option<String>,
 }
@@ -180,13 +181,18 @@ async fn route<B>(
         Route::Blob { digest, .. } | Route::Referrers { digest, .. } => Some(digest.to_string()),
         _ => None,
     };
+    // The client's own credentials are for this proxy (docker sends its Docker Hub login to
+    // mirrors): they stop here, so no handler can forward, log or echo them.
+    let mut headers = req.headers().clone();
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHORIZATION);
     let ctx = Ctx {
         upstream,
         repo,
         client_name: name,
         ns: ns.clone(),
         head,
-        headers: req.headers().clone(),
+        headers,
         query,
     };
     let mut resp = match route {

@@ -1,6 +1,6 @@
-//! Upstream authentication: `WWW-Authenticate` challenges, the bearer-token flow (anonymous or
-//! with credentials sent to the token endpoint), basic auth, and a token cache keyed by origin
-//! and scope that keeps tokens until just before they expire.
+//! Upstream authentication: `WWW-Authenticate` challenges, which token realms are trusted, the
+//! bearer-token flow (anonymous or with credentials sent to the token endpoint), basic auth, and
+//! a token cache keyed by origin and scope that keeps tokens until just before they expire.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use http::HeaderValue;
 use tokio::time::Instant;
+use url::Url;
 
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +87,91 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
         out.push((key, val));
     }
     out
+}
+
+/// Why a token realm is trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealmTrust {
+    /// On the host of the endpoint that asked for it (any port).
+    SameHost,
+    /// On the same registrable domain (`auth.docker.io` for `registry-1.docker.io`).
+    SameDomain,
+    /// Listed in the upstream's `token_realms`.
+    Listed,
+}
+
+/// Why a token realm is refused: nothing, not even an anonymous request, is sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealmRefusal {
+    /// Not an http(s) URL.
+    Scheme,
+    /// Plain http, but the endpoint is not plain http on that same host: the credentials (or
+    /// the token) would cross the network in clear.
+    Cleartext,
+    /// Another host, not on the endpoint's domain and not listed in `token_realms`.
+    Foreign,
+}
+
+impl RealmRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RealmRefusal::Scheme => "not an http(s) URL",
+            RealmRefusal::Cleartext => "plain http to a host that is not the upstream's own",
+            RealmRefusal::Foreign => {
+                "not the upstream's own host or domain, and not listed in token_realms"
+            }
+        }
+    }
+}
+
+/// May `endpoint` (the upstream URL or mirror whose challenge named `realm`) send us to `realm`
+/// for a token? `listed` are the upstream's `token_realms`, matched by scheme, host and port.
+pub fn check_realm(
+    realm: &Url,
+    endpoint: &Url,
+    listed: &[Url],
+) -> Result<RealmTrust, RealmRefusal> {
+    let same_host = host_of(realm).is_some() && host_of(realm) == host_of(endpoint);
+    match realm.scheme() {
+        "https" => {}
+        // The one exception: an upstream that is plain http anyway, on that same host.
+        "http" if endpoint.scheme() == "http" && same_host => return Ok(RealmTrust::SameHost),
+        "http" => return Err(RealmRefusal::Cleartext),
+        _ => return Err(RealmRefusal::Scheme),
+    }
+    if listed.iter().any(|l| l.origin() == realm.origin()) {
+        Ok(RealmTrust::Listed)
+    } else if same_host {
+        Ok(RealmTrust::SameHost)
+    } else if registrable(realm).is_some() && registrable(realm) == registrable(endpoint) {
+        Ok(RealmTrust::SameDomain)
+    } else {
+        Err(RealmRefusal::Foreign)
+    }
+}
+
+/// The host, lower-case (the URL parser already folds case), without a trailing dot.
+fn host_of(url: &Url) -> Option<&str> {
+    url.host_str().map(|h| h.trim_end_matches('.'))
+}
+
+/// The last two labels of a domain (`docker.io` for `auth.docker.io`); an IP address or
+/// `localhost` whole, since their last labels say nothing about who owns them. Without a
+/// public-suffix list this takes `a.co.uk` and `b.co.uk` for one domain.
+fn registrable(url: &Url) -> Option<&str> {
+    let host = host_of(url)?;
+    match url.host()? {
+        url::Host::Ipv4(_) | url::Host::Ipv6(_) => Some(host),
+        url::Host::Domain(_) if host == "localhost" => Some(host),
+        url::Host::Domain(_) => {
+            let mut dots = host.rmatch_indices('.');
+            dots.next();
+            Some(match dots.next() {
+                Some((i, _)) => &host[i + 1..],
+                None => host,
+            })
+        }
+    }
 }
 
 pub fn basic_header(user: &str, pass: &str) -> HeaderValue {
@@ -195,6 +281,158 @@ mod tests {
         assert_eq!(parse_challenge("Basic realm=\"x\""), Some(Challenge::Basic));
         assert_eq!(parse_challenge("Bearer service=\"x\""), None);
         assert_eq!(parse_challenge("Negotiate"), None);
+    }
+
+    #[test]
+    fn realms_on_the_upstreams_own_host_or_domain_or_listed() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let check = |realm: &str, endpoint: &str, listed: &[&str]| {
+            let listed: Vec<Url> = listed.iter().map(|l| u(l)).collect();
+            check_realm(&u(realm), &u(endpoint), &listed)
+        };
+        use RealmRefusal::*;
+        use RealmTrust::*;
+        let hub = "https://registry-1.docker.io";
+        /// (realm, the endpoint that named it, `token_realms`, verdict)
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a [&'a str],
+            Result<RealmTrust, RealmRefusal>,
+        );
+        let cases: &[Case] = &[
+            ("https://auth.docker.io/token", hub, &[], Ok(SameDomain)),
+            ("https://registry-1.docker.io/token", hub, &[], Ok(SameHost)),
+            ("https://REGISTRY-1.docker.io./t", hub, &[], Ok(SameHost)),
+            (
+                "https://registry-1.docker.io:8443/t",
+                hub,
+                &[],
+                Ok(SameHost),
+            ),
+            ("https://a.b.docker.io/t", hub, &[], Ok(SameDomain)),
+            ("https://docker.io/t", hub, &[], Ok(SameDomain)),
+            ("https://evil.example/steal", hub, &[], Err(Foreign)),
+            ("https://docker.io.evil.example/t", hub, &[], Err(Foreign)),
+            ("https://evildocker.io/t", hub, &[], Err(Foreign)),
+            // Plain http never, even on the same host, when the upstream is https.
+            ("http://auth.docker.io/token", hub, &[], Err(Cleartext)),
+            (
+                "http://registry-1.docker.io/token",
+                hub,
+                &[],
+                Err(Cleartext),
+            ),
+            (
+                "http://auth.docker.io/token",
+                hub,
+                &["http://auth.docker.io"],
+                Err(Cleartext),
+            ),
+            ("ftp://auth.docker.io/token", hub, &[], Err(Scheme)),
+            // Listed: scheme, host and port must all match; the path does not matter.
+            (
+                "https://sso.example.com/oauth/token",
+                "https://ghcr.io",
+                &["https://sso.example.com/token"],
+                Ok(Listed),
+            ),
+            (
+                "https://sso.example.com:8443/token",
+                "https://ghcr.io",
+                &["https://sso.example.com/token"],
+                Err(Foreign),
+            ),
+            (
+                "https://sso.example.com.evil/token",
+                "https://ghcr.io",
+                &["https://sso.example.com"],
+                Err(Foreign),
+            ),
+            // A plain-http upstream: http only on its very host.
+            (
+                "http://reg.lan:5001/auth",
+                "http://reg.lan:5000",
+                &[],
+                Ok(SameHost),
+            ),
+            (
+                "https://auth.reg.lan/t",
+                "http://reg.lan:5000",
+                &[],
+                Ok(SameDomain),
+            ),
+            (
+                "http://auth.reg.lan/t",
+                "http://reg.lan:5000",
+                &[],
+                Err(Cleartext),
+            ),
+            // IP addresses and localhost are compared whole, never by their last labels.
+            (
+                "http://127.0.0.1:9/token",
+                "http://127.0.0.1:5000",
+                &[],
+                Ok(SameHost),
+            ),
+            (
+                "http://127.0.0.2:9/token",
+                "http://127.0.0.1:5000",
+                &[],
+                Err(Cleartext),
+            ),
+            (
+                "https://10.0.0.1/token",
+                "https://192.168.0.1",
+                &[],
+                Err(Foreign),
+            ),
+            (
+                "https://1.0.0.1/token",
+                "https://2.0.0.1",
+                &[],
+                Err(Foreign),
+            ),
+            (
+                "https://[::1]:9/token",
+                "https://[::1]:5000",
+                &[],
+                Ok(SameHost),
+            ),
+            (
+                "http://localhost:9/token",
+                "http://127.0.0.1:5000",
+                &[],
+                Err(Cleartext),
+            ),
+            (
+                "https://localhost/token",
+                "https://127.0.0.1",
+                &[],
+                Err(Foreign),
+            ),
+            (
+                "https://localhost/token",
+                "https://localhost:5000",
+                &[],
+                Ok(SameHost),
+            ),
+            (
+                "https://a.localhost/token",
+                "https://localhost",
+                &[],
+                Err(Foreign),
+            ),
+            // Single-label hosts (a Kubernetes service name) only match themselves.
+            ("https://auth/token", "https://registry", &[], Err(Foreign)),
+        ];
+        for (realm, endpoint, listed, want) in cases {
+            assert_eq!(
+                check(realm, endpoint, listed),
+                *want,
+                "{realm} for {endpoint} {listed:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! One upstream registry: its HTTP client, mirrors tried in order, the auth dance, redirects
-//! followed by hand (so `Authorization` never crosses to another origin), and the mapping of
-//! upstream answers to `UpstreamError`.
+//! One upstream registry: its HTTP client, mirrors tried in order, the auth dance (credentials
+//! only to a trusted token realm), redirects followed by hand (so `Authorization` never crosses
+//! to another origin), and the mapping of upstream answers to `UpstreamError`.
 
 use std::sync::Arc;
 
@@ -92,6 +92,11 @@ impl Upstream {
         if self.offline {
             return Err(self.error(UpstreamErrorKind::Offline));
         }
+        // The router refuses these already; this keeps every other caller (fills, tools) within
+        // `allow` / `deny` too.
+        if !self.config.admits(req.repo.as_str()) {
+            return Err(self.error(UpstreamErrorKind::NotFound));
+        }
         let endpoints = std::iter::once(&self.config.url).chain(&self.config.mirrors);
         let count = 1 + self.config.mirrors.len();
         let mut last = None;
@@ -123,6 +128,8 @@ impl Upstream {
             Err(UpstreamErrorKind::Denied) => Some(403),
             Err(UpstreamErrorKind::RateLimited { .. }) => Some(429),
             Err(UpstreamErrorKind::Status(s)) => Some(*s),
+            // It answered 401 with a challenge that was not followed.
+            Err(UpstreamErrorKind::UntrustedRealm) => Some(401),
             Err(_) => None,
         };
         metrics::upstream_request(&self.name, status, took);
@@ -134,6 +141,7 @@ impl Upstream {
                 UpstreamErrorKind::RateLimited { .. } => "rate_limited",
                 UpstreamErrorKind::Denied => "denied",
                 UpstreamErrorKind::Status(_) => "status",
+                UpstreamErrorKind::UntrustedRealm => "untrusted_realm",
                 _ => "protocol",
             };
             metrics::upstream_error(&self.name, label);
@@ -160,7 +168,7 @@ impl Upstream {
         let scope = format!("repository:{}:pull", req.repo);
         let mut retried = false;
         loop {
-            let authz = self.authorization(&origin, &scope).await?;
+            let authz = self.authorization(base, &origin, &scope).await?;
             let resp = self
                 .execute(
                     req.method.clone(),
@@ -180,6 +188,9 @@ impl Upstream {
                     .next();
                 match challenge {
                     Some(c) => {
+                        if let Challenge::Bearer { realm, .. } = &c {
+                            self.trusted_realm(realm, base)?;
+                        }
                         self.auth.remember_challenge(&origin, c);
                         self.auth.forget_token(&origin, &scope);
                         retried = true;
@@ -198,6 +209,7 @@ impl Upstream {
     /// The `Authorization` to send to `origin` for `scope`, from what its last challenge asked.
     async fn authorization(
         &self,
+        base: &Url,
         origin: &str,
         scope: &str,
     ) -> Result<Option<HeaderValue>, UpstreamErrorKind> {
@@ -209,7 +221,8 @@ impl Upstream {
                 if let Some(t) = self.auth.cached_token(origin, scope, now) {
                     return Ok(Some(t));
                 }
-                let (token, lifetime) = self.fetch_token(&realm, service.as_deref(), scope).await?;
+                let realm = self.trusted_realm(&realm, base)?;
+                let (token, lifetime) = self.fetch_token(realm, service.as_deref(), scope).await?;
                 self.auth
                     .store_token(origin, scope, token.clone(), auth::expiry(now, lifetime));
                 Ok(Some(token))
@@ -224,17 +237,37 @@ impl Upstream {
         }
     }
 
+    /// The realm `base`'s challenge named, if we may ask it for a token (see
+    /// `auth::check_realm`); else a warning naming the realm's host and an error naming only
+    /// the upstream.
+    fn trusted_realm(&self, realm: &str, base: &Url) -> Result<Url, UpstreamErrorKind> {
+        let url = Url::parse(realm).map_err(|_| UpstreamErrorKind::Protocol("bad token realm"))?;
+        match auth::check_realm(&url, base, &self.config.token_realms) {
+            Ok(_) => Ok(url),
+            Err(why) => {
+                let host = url.host_str().unwrap_or("");
+                let realm_host = match url.port() {
+                    Some(p) => format!("{}://{host}:{p}", url.scheme()),
+                    None => format!("{}://{host}", url.scheme()),
+                };
+                tracing::warn!(
+                    upstream = %self.name,
+                    realm_host = %realm_host,
+                    reason = why.as_str(),
+                    "refused the upstream's token realm: no request sent to it (list it in token_realms if it is trusted)"
+                );
+                Err(UpstreamErrorKind::UntrustedRealm)
+            }
+        }
+    }
+
+    /// Asks a trusted `realm` for a token, with the upstream's credentials if it has any.
     async fn fetch_token(
         &self,
-        realm: &str,
+        mut url: Url,
         service: Option<&str>,
         scope: &str,
     ) -> Result<(HeaderValue, std::time::Duration), UpstreamErrorKind> {
-        let mut url =
-            Url::parse(realm).map_err(|_| UpstreamErrorKind::Protocol("bad token realm"))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(UpstreamErrorKind::Protocol("bad token realm"));
-        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -354,4 +387,50 @@ fn classify(resp: reqwest::Response) -> Result<reqwest::Response, UpstreamErrorK
         },
         s => UpstreamErrorKind::Status(s.as_u16()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// Fills and tools call `send` without the router: `allow` / `deny` hold there too, before
+    /// any connection (the URL has nothing listening: a request would be `Unreachable`).
+    #[tokio::test]
+    async fn send_refuses_what_allow_and_deny_keep_out() {
+        let c = Config::parse(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"http://127.0.0.1:1\"\n\
+             allow = [\"team/**\"]\ndeny = [\"team/secret/*\"]",
+        )
+        .unwrap();
+        let up = Upstream::new(c.upstreams[0].clone(), Clock::default(), false).unwrap();
+        let send = |repo: &str| {
+            let repo: RepoName = repo.parse().unwrap();
+            let up = &up;
+            async move {
+                up.send(&UpstreamRequest {
+                    method: Method::GET,
+                    repo: &repo,
+                    path: "manifests/v1".into(),
+                    query: None,
+                    headers: HeaderMap::new(),
+                    streaming: false,
+                })
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .kind
+            }
+        };
+        for refused in ["other/app", "team/secret/app"] {
+            assert!(
+                matches!(send(refused).await, UpstreamErrorKind::NotFound),
+                "{refused}"
+            );
+        }
+        assert!(matches!(
+            send("team/app").await,
+            UpstreamErrorKind::Unreachable(_)
+        ));
+    }
 }

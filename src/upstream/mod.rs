@@ -44,6 +44,10 @@ pub enum UpstreamErrorKind {
     TooLarge(u64),
     #[error("sent an invalid response: {0}")]
     Protocol(&'static str),
+    /// Its challenge named a token realm that is not its own host or domain, nor listed in
+    /// `token_realms` (or plain http): nothing was sent there. The realm itself is only logged.
+    #[error("asked for a token from a realm that is not trusted (not its own host or domain, nor in token_realms)")]
+    UntrustedRealm,
     /// The proxy runs offline (`server.offline`): no upstream is contacted.
     #[error("not contacted: entrepot is offline and this is not in its store")]
     Offline,
@@ -119,6 +123,11 @@ impl Upstreams {
         } else {
             repo
         };
+        // Outside `allow` or inside `deny`: as if it did not exist, for every endpoint and
+        // before the store is consulted (a cached copy is still a read).
+        if !up.config().admits(repo.as_str()) {
+            return Err(ApiError::NameUnknown);
+        }
         Ok((up.clone(), repo))
     }
 }
@@ -187,6 +196,43 @@ mod tests {
             sel(&u, Some("evil.example"), "x"),
             Err(ApiError::NoUpstream(_))
         ));
+    }
+
+    #[test]
+    fn allow_and_deny_apply_to_the_name_the_upstream_sees() {
+        let c = Config::parse(
+            r#"
+            [[upstream]]
+            name = "docker.io"
+            url = "https://registry-1.docker.io"
+            default = true
+            allow = ["library/*", "team/**"]
+            deny = ["team/secret/**"]
+            "#,
+        )
+        .unwrap();
+        let u = Upstreams::new(&c.upstreams, Clock::default(), false).unwrap();
+        // `alpine` is `library/alpine` upstream, by every route.
+        for (ns, name) in [
+            (None, "alpine"),
+            (None, "docker.io/alpine"),
+            (Some("docker.io"), "alpine"),
+            (None, "team/a/b"),
+        ] {
+            assert!(sel(&u, ns, name).is_ok(), "{ns:?} {name}");
+        }
+        for (ns, name) in [
+            (None, "someone/app"),
+            (None, "library/a/b"),
+            (None, "team/secret/app"),
+            (Some("docker.io"), "team/secret/app"),
+            (None, "docker.io/team/secret/x/y"),
+        ] {
+            assert!(
+                matches!(sel(&u, ns, name), Err(ApiError::NameUnknown)),
+                "{ns:?} {name}"
+            );
+        }
     }
 
     #[test]

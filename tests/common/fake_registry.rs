@@ -133,6 +133,8 @@ struct Inner {
     requests: Vec<Recorded>,
     /// Headers added to every response (e.g. `RateLimit-Remaining`).
     extra_headers: Vec<(String, String)>,
+    /// The `realm` of bearer challenges, when not our own `/token`.
+    token_realm: Option<String>,
 }
 
 impl Inner {
@@ -300,6 +302,12 @@ impl FakeRegistry {
             user: user.to_string(),
             pass: pass.to_string(),
         };
+    }
+
+    /// Bearer challenges name this realm instead of our own `/token` (which still serves
+    /// tokens): an upstream that sends its clients' credentials elsewhere.
+    pub fn set_token_realm(&self, realm: &str) {
+        self.state.lock().token_realm = Some(realm.to_string());
     }
 
     /// Turns auth off again (the default).
@@ -762,10 +770,11 @@ fn check_auth(state: &State, headers: &HeaderMap, name: Option<&str>) -> Option<
             if valid {
                 return None;
             }
-            let mut challenge = format!(
-                r#"Bearer realm="http://{}/token",service="{SERVICE}""#,
-                state.addr
-            );
+            let realm = inner
+                .token_realm
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/token", state.addr));
+            let mut challenge = format!(r#"Bearer realm="{realm}",service="{SERVICE}""#);
             if let Some(name) = name {
                 challenge.push_str(&format!(r#",scope="repository:{name}:pull""#));
             }
