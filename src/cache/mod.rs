@@ -292,7 +292,8 @@ impl Store {
             String::new()
         };
         let journal = Arc::new(if tiered {
-            journal::Journal::shared(meta.clone(), replica.clone())
+            // Per process: a tool beside the server shares its replica id.
+            journal::Journal::shared(meta.clone(), format!("{replica}-{}", std::process::id()))
         } else {
             journal::Journal::open(root)?
         });
