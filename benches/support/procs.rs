@@ -1,6 +1,7 @@
 //! The programs the comparison runs: the upstream `docker-registry`, entrepot's release binary,
-//! distribution in proxy mode and nginx, each a child process in its own process group that is
-//! killed (the whole group) when its guard drops — on success, on error and on panic.
+//! distribution in proxy mode and nginx (Garage, the S3 server, is in [`super::garage`]), each a
+//! child process in its own process group that is killed (the whole group) when its guard
+//! drops — on success, on error and on panic.
 
 use std::{
     fs,
@@ -139,6 +140,9 @@ pub struct Memory {
     pub peak_rss: u64,
     /// RssAnon: resident anonymous memory now (heap, stacks), without mapped files.
     pub rss_anon: u64,
+    /// RssFile: resident pages of mapped files now (the binary, and blobs or spool files
+    /// entrepot maps); page cache that the kernel can drop, but counted in the RSS.
+    pub rss_file: u64,
 }
 
 pub fn memory(pid: u32) -> Result<Memory> {
@@ -159,6 +163,7 @@ pub fn memory(pid: u32) -> Result<Memory> {
     Ok(Memory {
         peak_rss: field("VmHWM:")?,
         rss_anon: field("RssAnon:")?,
+        rss_file: field("RssFile:")?,
     })
 }
 
@@ -183,7 +188,16 @@ impl Server {
 
     /// Starts `spawn(port)` on a free port and waits until `GET /v2/` answers 200. A lost race
     /// for the port ("address already in use") is retried on another one.
-    pub async fn start<F>(mut spawn: F) -> Result<Self>
+    pub async fn start<F>(spawn: F) -> Result<Self>
+    where
+        F: FnMut(u16) -> Result<ChildGuard>,
+    {
+        Self::start_answering("/v2/", &[200], spawn).await
+    }
+
+    /// [`Server::start`] for a server that is up when `GET {path}` answers one of `ready`
+    /// (Garage's S3 port answers an anonymous request with 403).
+    pub async fn start_answering<F>(path: &str, ready: &[u16], mut spawn: F) -> Result<Self>
     where
         F: FnMut(u16) -> Result<ChildGuard>,
     {
@@ -191,7 +205,7 @@ impl Server {
         loop {
             let port = free_port()?;
             let mut process = spawn(port)?;
-            match wait_ready(port, &mut process).await {
+            match wait_answering(port, &mut process, path, ready).await {
                 Ok(()) => return Ok(Self { port, process }),
                 Err(e)
                     if attempt < 3
@@ -210,26 +224,31 @@ impl Server {
     }
 }
 
-/// Polls `GET /v2/` until it answers 200; fails early if the process exits first.
-pub async fn wait_ready(port: u16, process: &mut ChildGuard) -> Result<()> {
+/// Polls `GET {path}` until it answers one of `ready`; fails early if the process exits first.
+pub async fn wait_answering(
+    port: u16,
+    process: &mut ChildGuard,
+    path: &str,
+    ready: &[u16],
+) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = process.exited() {
             bail!(
-                "{} exited with {status} before answering GET /v2/ on port {port}:\n{}",
+                "{} exited with {status} before answering GET {path} on port {port}:\n{}",
                 process.name(),
                 process.output_tail()
             );
         }
-        let last = match load::get_status(port, "/v2/").await {
-            Ok(200) => return Ok(()),
+        let last = match load::get_status(port, path).await {
+            Ok(status) if ready.contains(&status) => return Ok(()),
             Ok(status) => format!("status {status}"),
             Err(e) => format!("{e:#}"),
         };
         if Instant::now() > deadline {
             bail!(
-                "{} did not answer 200 on GET /v2/ (port {port}) within {READY_TIMEOUT:?}, \
-                 last: {last}:\n{}",
+                "{} did not answer {ready:?} on GET {path} (port {port}) within \
+                 {READY_TIMEOUT:?}, last: {last}:\n{}",
                 process.name(),
                 process.output_tail()
             );
@@ -238,10 +257,24 @@ pub async fn wait_ready(port: u16, process: &mut ChildGuard) -> Result<()> {
     }
 }
 
-/// A `docker-registry serve` config: filesystem storage under `data`, optionally a pull-through
-/// proxy of `remote`. `quiet` turns the access log off and logs errors only (the upstream, whose
-/// logging is no part of any measurement); otherwise distribution's defaults apply.
-pub fn registry_config(data: &Path, port: u16, remote: Option<&str>, quiet: bool) -> String {
+/// Where a `docker-registry` keeps its data: the `storage:` driver section of its config.
+pub enum RegistryStorage {
+    /// The filesystem driver, under this folder.
+    Filesystem(PathBuf),
+    /// Another driver's lines, indented under `storage:` (the s3 driver on Garage, see
+    /// [`super::garage::Place::distribution_storage`]).
+    Driver(String),
+}
+
+/// A `docker-registry serve` config: `storage`, optionally a pull-through proxy of `remote`.
+/// `quiet` turns the access log off and logs errors only (the upstream, whose logging is no
+/// part of any measurement); otherwise distribution's defaults apply.
+pub fn registry_config(
+    storage: &RegistryStorage,
+    port: u16,
+    remote: Option<&str>,
+    quiet: bool,
+) -> String {
     let log = if quiet {
         "log:\n  level: error\n  accesslog:\n    disabled: true\n"
     } else {
@@ -250,52 +283,78 @@ pub fn registry_config(data: &Path, port: u16, remote: Option<&str>, quiet: bool
     let proxy = remote
         .map(|url| format!("proxy:\n  remoteurl: {url}\n"))
         .unwrap_or_default();
+    let driver = match storage {
+        RegistryStorage::Filesystem(data) => {
+            format!("  filesystem:\n    rootdirectory: {}\n", data.display())
+        }
+        RegistryStorage::Driver(lines) => lines.clone(),
+    };
     format!(
-        "version: 0.1\n{log}storage:\n  filesystem:\n    rootdirectory: {data}\n  \
-         cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
-        data = data.display()
+        "version: 0.1\n{log}storage:\n{driver}  \
+         cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}"
     )
 }
 
-/// Starts `docker-registry serve` with its config, data and log under `dir`.
-pub async fn start_registry(name: &str, dir: &Path, remote: Option<&str>) -> Result<Server> {
+/// Starts `docker-registry serve` with its config and log under `dir`, its data under
+/// `dir/data` unless `storage` says otherwise.
+pub async fn start_registry(
+    name: &str,
+    dir: &Path,
+    remote: Option<&str>,
+    storage: Option<RegistryStorage>,
+) -> Result<Server> {
     let bin = find_program("docker-registry")?;
     fs::create_dir_all(dir)?;
     let quiet = remote.is_none();
+    let storage = storage.unwrap_or_else(|| RegistryStorage::Filesystem(dir.join("data")));
     Server::start(|port| {
         let config = dir.join("config.yml");
-        fs::write(
-            &config,
-            registry_config(&dir.join("data"), port, remote, quiet),
-        )?;
+        fs::write(&config, registry_config(&storage, port, remote, quiet))?;
         let mut cmd = Command::new(&bin);
         cmd.arg("serve").arg(&config).current_dir(dir);
+        without_aws_env(&mut cmd);
         ChildGuard::spawn(name, cmd, dir.join("registry.log"))
     })
     .await
 }
 
+/// Removes the `AWS_*` variables of the bench's environment from `cmd`'s: the proxies get
+/// their bucket and key from their configs alone. (distribution's AWS SDK panics at start-up
+/// when `AWS_CA_BUNDLE` is set, as on machines that point every tool at a CA file: "unable to
+/// load custom CA bundle, HTTPClient's transport unsupported type".)
+fn without_aws_env(cmd: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(name);
+        }
+    }
+}
+
 /// Starts entrepot's release binary with its config, store (`store`) and log under `dir`, the
-/// one (default) upstream at `upstream_url`. `log_filter` sets `ENTREPOT_LOG` (None: the
-/// binary's default, access log included).
+/// one (default) upstream at `upstream_url`. `storage` is added to the `[storage]` table (the
+/// s3 backend's keys and its `[storage.s3]` table; empty for the filesystem default).
+/// `log_filter` sets `ENTREPOT_LOG` (None: the binary's default, access log included).
 pub async fn start_entrepot(
     dir: &Path,
     store: &Path,
+    storage: &str,
     upstream_url: &str,
     log_filter: Option<&str>,
 ) -> Result<Server> {
     fs::create_dir_all(dir)?;
     Server::start(|port| {
-        let cmd = entrepot_command(dir, store, upstream_url, port, log_filter)?;
+        let cmd = entrepot_command(dir, store, storage, upstream_url, port, log_filter)?;
         ChildGuard::spawn("entrepot", cmd, dir.join("entrepot.log"))
     })
     .await
 }
 
-/// The command that runs entrepot on `port` (config written to `dir/entrepot.toml`).
+/// The command that runs entrepot on `port` (config written to `dir/entrepot.toml`); `storage`
+/// as for [`start_entrepot`].
 pub fn entrepot_command(
     dir: &Path,
     store: &Path,
+    storage: &str,
     upstream_url: &str,
     port: u16,
     log_filter: Option<&str>,
@@ -305,7 +364,7 @@ pub fn entrepot_command(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"1s\"\n\n\
-             [storage]\nroot = {store:?}\n\n\
+             [storage]\nroot = {store:?}\n{storage}\n\
              [[upstream]]\nname = \"upstream\"\nurl = \"{upstream_url}\"\ndefault = true\n\
              tag_ttl = \"1h\"\n",
             store = store.display().to_string(),
@@ -316,6 +375,7 @@ pub fn entrepot_command(
         .arg("--config")
         .arg(&config)
         .current_dir(dir);
+    without_aws_env(&mut cmd);
     match log_filter {
         Some(filter) => cmd.env("ENTREPOT_LOG", filter),
         None => cmd.env_remove("ENTREPOT_LOG"),

@@ -198,11 +198,13 @@ fn cell(samples: Option<&Samples>, unit: Unit) -> String {
         .map_or_else(|| "—".to_owned(), |m| unit.format(m))
 }
 
-/// The results table: medians, ratios, target and verdict, one line per measured row.
-pub fn table(rows: &[Row]) -> String {
+/// The results table: medians, ratios, target and verdict, one line per measured row;
+/// `distribution` heads distribution's column.
+pub fn table(rows: &[Row], distribution: &str) -> String {
     let mut out = String::new();
-    out.push_str(
-        "| scenario | measure | entrepot | distribution (proxy) | reference | \
+    let _ = write!(
+        out,
+        "| scenario | measure | entrepot | {distribution} | reference | \
          entrepot ÷ reference | entrepot ÷ distribution | target | met |\n\
          |---|---|---:|---:|---:|---:|---:|---|---|\n",
     );
