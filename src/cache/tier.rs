@@ -53,6 +53,8 @@ impl Store {
             self.committed(digest, size).await;
             return Ok(());
         }
+        // The open file survives the rename: the upload reads the local copy through it.
+        let file = spool.file().clone();
         self.local.commit(digest, spool).await?;
         self.usage.added(size);
         self.usage.touch(digest);
@@ -65,12 +67,8 @@ impl Store {
                 Ok(())
             }
             fill::Origin::Upstream => {
-                // Uploaded from a mapping of the local copy: parts are slices of the page
-                // cache, not copies in memory.
-                let data = self.local.open(digest).await?.ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, "the local copy vanished")
-                })?;
-                self.blobs.put(digest, data).await?;
+                // Read a part at a time from the local copy (bounded memory).
+                self.blobs.copy_file(digest, file, size).await?;
                 self.journal_append(journal::Entry::Blob {
                     digest: digest.to_string(),
                 })

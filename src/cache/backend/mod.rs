@@ -51,6 +51,27 @@ pub trait Blobs: Send + Sync {
     /// nothing or the whole blob. The spool is consumed (moved or removed).
     fn commit<'a>(&'a self, digest: &'a Digest, spool: TempFile) -> Io<'a, ()>;
 
+    /// Stores the blob `digest` from a complete, verified file of `size` bytes, which stays
+    /// where it is (the local copy of a tier in front of shared storage).
+    fn copy_file<'a>(
+        &'a self,
+        digest: &'a Digest,
+        file: std::sync::Arc<std::fs::File>,
+        size: u64,
+    ) -> Io<'a, ()> {
+        Box::pin(async move {
+            let data = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt as _;
+                let mut buf = vec![0u8; size as usize];
+                file.read_exact_at(&mut buf, 0)?;
+                Ok::<_, io::Error>(Bytes::from(buf))
+            })
+            .await
+            .map_err(io::Error::other)??;
+            self.put(digest, data).await
+        })
+    }
+
     /// Stores small verified bytes (a manifest) as the blob `digest`, atomically and durably.
     fn put<'a>(&'a self, digest: &'a Digest, data: Bytes) -> Io<'a, ()>;
 

@@ -10,9 +10,9 @@
 //! - writes are content-addressed and idempotent, so two replicas writing a digest write the
 //!   same bytes; conditional writes are a hint (`put_if_absent` checks, then writes).
 //!
-//! Large blobs are uploaded in parts of at least 8 MiB (at most 10,000 parts), taken as
-//! slices of the bytes given (a mapping of the local copy: no copy in memory), one part in
-//! flight per upload and a process-wide bound on part bytes in flight.
+//! Large blobs are uploaded in parts of at least 8 MiB (at most 10,000 parts), read from the
+//! local file one part at a time, one part in flight per upload and a process-wide bound on
+//! part bytes in flight.
 
 use std::io;
 use std::ops::Range;
@@ -123,12 +123,13 @@ impl S3 {
 
     /// Writes `data` at `key`: one PUT when small, else a multipart upload that is completed
     /// only when every part is in, and aborted otherwise.
-    async fn write(&self, key: &str, data: Bytes) -> io::Result<()> {
+    async fn write(&self, key: &str, data: Source) -> io::Result<()> {
         let path = self.path(key);
-        let len = data.len() as u64;
+        let len = data.len();
         if len <= MIN_PART {
+            let all = data.read(0..len).await?;
             self.store
-                .put(&path, PutPayload::from(data))
+                .put(&path, PutPayload::from(all))
                 .await
                 .map_err(error)?;
             return Ok(());
@@ -174,10 +175,10 @@ impl S3 {
         &self,
         path: &ObjectPath,
         id: &object_store::MultipartId,
-        data: &Bytes,
+        data: &Source,
         part: u64,
     ) -> io::Result<()> {
-        let len = data.len() as u64;
+        let len = data.len();
         let mut parts = Vec::new();
         let mut off = 0;
         while off < len {
@@ -188,7 +189,8 @@ impl S3 {
                 .acquire_many(mib)
                 .await
                 .map_err(io::Error::other)?;
-            let payload = PutPayload::from(data.slice(off as usize..end as usize));
+            // Read only now, under the budget: one part of this upload in memory at a time.
+            let payload = PutPayload::from(data.read(off..end).await?);
             parts.push(
                 self.store
                     .put_part(path, id, parts.len(), payload)
@@ -237,6 +239,39 @@ impl S3 {
             aborted += 1;
         }
         Ok(aborted)
+    }
+}
+
+/// What an upload sends: bytes in memory, or a complete file read a part at a time (a
+/// mapping would keep every page it touched counted in the process's memory until the end).
+enum Source {
+    Bytes(Bytes),
+    File(Arc<std::fs::File>, u64),
+}
+
+impl Source {
+    fn len(&self) -> u64 {
+        match self {
+            Source::Bytes(b) => b.len() as u64,
+            Source::File(_, len) => *len,
+        }
+    }
+
+    async fn read(&self, range: Range<u64>) -> io::Result<Bytes> {
+        match self {
+            Source::Bytes(b) => Ok(b.slice(range.start as usize..range.end as usize)),
+            Source::File(file, _) => {
+                let file = file.clone();
+                tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt as _;
+                    let mut buf = vec![0u8; (range.end - range.start) as usize];
+                    file.read_exact_at(&mut buf, range.start)?;
+                    Ok(Bytes::from(buf))
+                })
+                .await
+                .map_err(io::Error::other)?
+            }
+        }
     }
 }
 
@@ -291,17 +326,27 @@ impl Blobs for S3 {
 
     fn commit<'a>(&'a self, digest: &'a Digest, spool: TempFile) -> Io<'a, ()> {
         Box::pin(async move {
-            let file = spool.file().clone();
-            let data = tokio::task::spawn_blocking(move || crate::cache::mapped::map(&file))
-                .await
-                .map_err(io::Error::other)??;
-            self.write(&layout::blob(digest), data).await
+            let size = spool.file().metadata()?.len();
+            let source = Source::File(spool.file().clone(), size);
+            self.write(&layout::blob(digest), source).await
             // The spool is dropped here, removing its file.
         })
     }
 
+    fn copy_file<'a>(
+        &'a self,
+        digest: &'a Digest,
+        file: Arc<std::fs::File>,
+        size: u64,
+    ) -> Io<'a, ()> {
+        Box::pin(async move {
+            self.write(&layout::blob(digest), Source::File(file, size))
+                .await
+        })
+    }
+
     fn put<'a>(&'a self, digest: &'a Digest, data: Bytes) -> Io<'a, ()> {
-        Box::pin(async move { self.write(&layout::blob(digest), data).await })
+        Box::pin(async move { self.write(&layout::blob(digest), Source::Bytes(data)).await })
     }
 
     fn delete<'a>(&'a self, digest: &'a Digest) -> Io<'a, ()> {
@@ -358,7 +403,7 @@ impl Meta for S3 {
     }
 
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> Io<'a, ()> {
-        Box::pin(self.write(key, data))
+        Box::pin(self.write(key, Source::Bytes(data)))
     }
 
     fn put_if_absent<'a>(&'a self, key: &'a str, data: Bytes) -> Io<'a, bool> {
@@ -368,7 +413,7 @@ impl Meta for S3 {
             if self.head(key).await?.is_some() {
                 return Ok(false);
             }
-            self.write(key, data).await?;
+            self.write(key, Source::Bytes(data)).await?;
             Ok(true)
         })
     }
