@@ -261,15 +261,13 @@ impl Source {
         match self {
             Source::Bytes(b) => Ok(b.slice(range.start as usize..range.end as usize)),
             Source::File(file, _) => {
+                // A mapping of this part alone: no copy, and its pages leave the process's
+                // memory when the part has been sent and dropped (heap buffers of 8 MiB
+                // would stay with the allocator).
                 let file = file.clone();
-                tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt as _;
-                    let mut buf = vec![0u8; (range.end - range.start) as usize];
-                    file.read_exact_at(&mut buf, range.start)?;
-                    Ok(Bytes::from(buf))
-                })
-                .await
-                .map_err(io::Error::other)?
+                tokio::task::spawn_blocking(move || crate::cache::mapped::map_range(&file, range))
+                    .await
+                    .map_err(io::Error::other)?
             }
         }
     }
