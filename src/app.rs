@@ -46,6 +46,30 @@ pub struct Server {
     stopping: CancellationToken,
 }
 
+/// How connections are served: HTTP/1.1 and h2c, with the limits that keep a slow or hostile
+/// client from holding connections or memory.
+fn connection_builder(cfg: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        // Request line and headers (and nothing else: bodies are refused) fit in this.
+        .max_buf_size(MAX_REQUEST_HEAD);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_header_list_size(MAX_REQUEST_HEAD as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
+
+/// Largest request head (request line and headers) accepted.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// The store of the configured backend.
 fn open_store(
     config: &Config,
@@ -135,8 +159,12 @@ impl Server {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let builder = connection_builder(&self.state.config.server);
         let graceful = GracefulShutdown::new();
+        // A permit per connection served: past the cap, connections wait in the backlog.
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.state.config.server.max_connections,
+        ));
         self.spawn_background();
         if let Some(admin) = admin {
             self.tracker.spawn(serve_admin(
@@ -148,6 +176,10 @@ impl Server {
         }
         tokio::pin!(shutdown);
         loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                _ = &mut shutdown => break,
+            };
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, remote)) => {
@@ -162,6 +194,7 @@ impl Server {
                             .into_owned();
                         let conn = graceful.watch(conn);
                         self.tracker.spawn(async move {
+                            let _slot = slot;
                             if let Err(e) = conn.await {
                                 tracing::debug!(remote = %remote, error = %e, "connection ended with an error");
                             }
@@ -253,7 +286,7 @@ async fn serve_admin(
     tracker: TaskTracker,
     stopping: CancellationToken,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = connection_builder(&state.config.server);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {

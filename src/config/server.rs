@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{invalid, opt_duration, ConfigError};
+use super::{invalid, opt_duration, positive_duration, ConfigError};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -17,6 +17,11 @@ pub struct ServerConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Never contact an upstream: answer from the store only (air-gapped sites).
     pub offline: bool,
+    /// A connection that has not sent a whole request header this long after it opened (or
+    /// after its previous response) is closed: half-sent requests cannot hold connections.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -27,10 +32,14 @@ pub(super) struct RawServer {
     admin_listen: Option<String>,
     #[serde(default)]
     offline: bool,
+    header_read_timeout: Option<String>,
+    max_connections: Option<usize>,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// `[server]`, validated.
 pub(super) fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
@@ -55,10 +64,25 @@ pub(super) fn validate_server(raw: RawServer) -> Result<ServerConfig, ConfigErro
             })
         })
         .transpose()?;
+    let header_read_timeout =
+        positive_duration("server.header_read_timeout", &raw.header_read_timeout)?
+            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT);
+    let max_connections = match raw.max_connections {
+        Some(0) => {
+            return Err(invalid(
+                "server.max_connections",
+                "must be at least 1".to_string(),
+            ))
+        }
+        Some(n) => n,
+        None => DEFAULT_MAX_CONNECTIONS,
+    };
     Ok(ServerConfig {
         listen,
         shutdown_grace,
         admin_listen,
         offline: raw.offline,
+        header_read_timeout,
+        max_connections,
     })
 }
