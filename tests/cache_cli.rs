@@ -241,10 +241,14 @@ async fn regression_cache_rm_and_verify_beside_a_warm_server_take_effect() {
     let (ok, out, err) = cache(&root, &["rm", "fake/team/x:v1"]);
     assert!(ok, "{out}{err}");
     assert!(!layer.exists());
-    within_10s("the server to fetch the removed image again", || async {
-        proxy.pull_image("team/x", "v1").await.unwrap();
-        up.count("GET", "/team/x/manifests/") > manifests_before
-    })
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "the server to fetch the removed image again",
+        || async {
+            proxy.pull_image("team/x", "v1").await.unwrap();
+            up.count("GET", "/team/x/manifests/") > manifests_before
+        },
+    )
     .await;
     proxy.wait_idle().await;
     assert!(layer.exists(), "the layer was fetched and stored again");
@@ -266,7 +270,8 @@ async fn regression_cache_rm_and_verify_beside_a_warm_server_take_effect() {
     let (ok, out, _) = cache(&root, &["verify"]);
     assert!(!ok && out.contains("1 corrupt"), "{out}");
     let url = proxy.url(&format!("/v2/team/y/blobs/{}", y.layers[0]));
-    within_10s(
+    common::eventually(
+        std::time::Duration::from_secs(10),
         "the server to serve the quarantined layer right again",
         || async {
             common::get_blob(&common::client(), &url, &y.layers[0])
@@ -276,22 +281,6 @@ async fn regression_cache_rm_and_verify_beside_a_warm_server_take_effect() {
     )
     .await;
     proxy.wait_idle().await;
-}
-
-/// Polls `ok` every 100 ms until it holds; fails the test after 10 s.
-async fn within_10s<F, Fut>(what: &str, mut ok: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !ok().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited 10 s for {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
 }
 
 /// Is `path` mapped into this process (the in-process server)?

@@ -434,22 +434,6 @@ fn local_bytes(proxy: &Proxy) -> u64 {
     total
 }
 
-/// Polls `ok` every 50 ms; fails the test after 30 s.
-async fn eventually<F, Fut>(what: &str, mut ok: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !ok().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited 30 s for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_local_tier_keeps_its_bound_while_the_bucket_keeps_everything() {
     let env = Env::start().await;
@@ -468,9 +452,11 @@ async fn the_local_tier_keeps_its_bound_while_the_bucket_keeps_everything() {
             .unwrap();
     }
     proxy.wait_idle().await;
-    eventually("the local tier to shrink under 30 MiB", || async {
-        local_bytes(&proxy) <= 30 * MIB as u64
-    })
+    common::eventually(
+        Duration::from_secs(30),
+        "the local tier to shrink under 30 MiB",
+        || async { local_bytes(&proxy) <= 30 * MIB as u64 },
+    )
     .await;
     assert!(
         env.bucket_bytes().await >= 6 * 8 * MIB as u64,
@@ -505,9 +491,11 @@ async fn the_bucket_keeps_its_own_bound_evicting_least_recently_used_images() {
             .unwrap();
     }
     proxy.wait_idle().await;
-    eventually("the bucket to shrink under 30 MiB", || async {
-        env.bucket_bytes().await <= 30 * MIB as u64
-    })
+    common::eventually(
+        Duration::from_secs(30),
+        "the bucket to shrink under 30 MiB",
+        || async { env.bucket_bytes().await <= 30 * MIB as u64 },
+    )
     .await;
     let mut kept = Vec::new();
     for (i, img) in images.iter().enumerate() {

@@ -100,6 +100,22 @@ pub async fn get_blob(
     Ok(body)
 }
 
+/// Polls `ok` every 50 ms until it holds; fails the test, naming `what`, after `limit`.
+pub async fn eventually<F, Fut>(limit: std::time::Duration, what: &str, mut ok: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !ok().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {limit:?} for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Standard padded base64, as in `Authorization: Basic`.
 pub fn base64_encode(input: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(input)
