@@ -106,6 +106,15 @@ impl Env {
         }
     }
 
+    /// An image of one `size`-byte layer whose layer a first replica has put in the bucket.
+    async fn layer_in_bucket(&self, seed: u64, size: usize) -> PushedImage {
+        let img = self.image("team/app", seed, size);
+        let first = self.replica().await;
+        blob(&first, "team/app", &img.layers[0]).await;
+        first.wait_idle().await;
+        img
+    }
+
     fn image(&self, repo: &str, seed: u64, size: usize) -> PushedImage {
         self.up
             .push_image(repo, "v1", &[Bytes::from(random_bytes(size, seed))])
@@ -261,10 +270,7 @@ async fn regression_a_malformed_head_answer_is_a_miss_not_an_error() {
 #[tokio::test]
 async fn regression_a_malformed_get_answer_is_served_from_the_upstream() {
     let env = Env::start().await;
-    let img = env.image("team/app", 60, 12 * MIB);
-    let first = env.replica().await;
-    blob(&first, "team/app", &img.layers[0]).await;
-    first.wait_idle().await;
+    let img = env.layer_in_bucket(60, 12 * MIB).await;
     env.relay
         .fault(Op::GetObject, Fault::MalformedStatus, Limit::Always);
     let second = env.replica_via_relay().await;
@@ -308,10 +314,7 @@ async fn regression_an_object_not_visible_yet_is_a_miss() {
 #[tokio::test]
 async fn regression_a_hanging_bucket_cannot_hold_a_fill() {
     let env = Env::start().await;
-    let img = env.image("team/app", 8, 12 * MIB);
-    let first = env.replica().await;
-    blob(&first, "team/app", &img.layers[0]).await;
-    first.wait_idle().await;
+    let img = env.layer_in_bucket(8, 12 * MIB).await;
     // The second replica finds the blob in the bucket, but reading it hangs: its request
     // timeout ends the read and the client is served from the upstream instead.
     env.relay.fault(Op::GetObject, Fault::Hang, Limit::Always);
@@ -554,10 +557,7 @@ async fn with_redirect_committed_blobs_are_answered_with_a_presigned_get() {
 #[tokio::test]
 async fn regression_a_bucket_lost_mid_fill_leaves_the_client_served_from_the_upstream() {
     let env = Env::start().await;
-    let img = env.image("team/app", 50, 24 * MIB);
-    let first = env.replica().await;
-    blob(&first, "team/app", &img.layers[0]).await;
-    first.wait_idle().await;
+    let img = env.layer_in_bucket(50, 24 * MIB).await;
     // The second replica fills from the bucket; after the first 8 MiB every read fails.
     env.relay
         .fault(Op::GetObject, Fault::Close, Limit::After(1));
