@@ -114,6 +114,11 @@ impl Server {
                 source,
             })?;
         let upstreams = Upstreams::new(&config.upstreams, clock.clone(), config.server.offline)?;
+        let cluster = config
+            .cluster
+            .clone()
+            .map(crate::cluster::Cluster::new)
+            .transpose()?;
         let metrics = crate::metrics::install();
         crate::metrics::cache_max(config.storage.max_size);
         Ok(Server {
@@ -124,6 +129,7 @@ impl Server {
                 upstreams,
                 manifest_flights: Default::default(),
                 metrics,
+                cluster,
             }),
             clock,
             tracker,
@@ -254,13 +260,26 @@ impl Server {
                 .find(|u| u.matches(n))
                 .map_or_else(|| n.to_string(), |u| u.name.clone())
         });
+        // Several replicas on one bucket: the one that owns the task sweeps it.
+        let leads: crate::cache::evict::Leads = match &self.state.cluster {
+            Some(c) => {
+                let c = c.clone();
+                Arc::new(move || c.leads("bucket-sweeps"))
+            }
+            None => Arc::new(|| true),
+        };
         self.tracker.spawn(crate::cache::evict::sweeper(
             self.state.store.clone(),
             cfg.storage.clone(),
             cfg.pins.clone(),
             names,
+            leads,
             self.stopping.clone(),
         ));
+        if let Some(cluster) = &self.state.cluster {
+            self.tracker
+                .spawn(cluster.clone().run(self.stopping.clone()));
+        }
         let store = self.state.store.clone();
         let every = store.generation_check_interval();
         self.tracker

@@ -29,6 +29,9 @@ pub enum ApiError {
     ManifestUnknown,
     #[error("repository name not known to registry")]
     NameUnknown,
+    /// Refused whoever asks (a forged peer marker).
+    #[error("{0}")]
+    Denied(&'static str),
     /// `n` in `tags/list` is not a number.
     #[error("invalid pagination parameter n")]
     PaginationInvalid,
@@ -61,6 +64,7 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::Denied(_) => StatusCode::FORBIDDEN,
             ApiError::Upstream(e) => match &e.kind {
                 UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline => StatusCode::NOT_FOUND,
                 UpstreamErrorKind::Denied => StatusCode::FORBIDDEN,
@@ -93,6 +97,7 @@ impl ApiError {
             ApiError::NameUnknown => "NAME_UNKNOWN",
             ApiError::PaginationInvalid => "PAGINATION_NUMBER_INVALID",
             ApiError::RangeNotSatisfiable { .. } => "BLOB_UNKNOWN",
+            ApiError::Denied(_) => "DENIED",
             ApiError::Upstream(e) => match &e.kind {
                 UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline => unknown,
                 UpstreamErrorKind::Denied => "DENIED",

@@ -30,6 +30,7 @@
 pub mod app;
 pub mod cache;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -26,6 +26,10 @@ const S3_REQUESTS: &str = "entrepot_s3_requests_total";
 const S3_DURATION: &str = "entrepot_s3_request_duration_seconds";
 const S3_VISIBILITY_MISSES: &str = "entrepot_s3_visibility_misses_total";
 const BUCKET_FILLS: &str = "entrepot_bucket_fills_total";
+pub const CLUSTER_FORWARDED: &str = "entrepot_cluster_forwarded_total";
+pub const CLUSTER_SERVED_FOR_PEER: &str = "entrepot_cluster_served_for_peer_total";
+pub const CLUSTER_LOCAL_FALLBACK: &str = "entrepot_cluster_local_fallback_total";
+pub const CLUSTER_PEERS_HEALTHY: &str = "entrepot_cluster_peers_healthy";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -129,6 +133,22 @@ fn describe() {
         BUCKET_FILLS,
         "Blobs copied from the bucket into this replica's local tier (no upstream request)."
     );
+    describe_counter!(
+        CLUSTER_FORWARDED,
+        "Misses sent to the key's owner replica that it answered (blob fills, manifests, tags)."
+    );
+    describe_counter!(
+        CLUSTER_SERVED_FOR_PEER,
+        "Requests answered for another replica (signed forwards)."
+    );
+    describe_counter!(
+        CLUSTER_LOCAL_FALLBACK,
+        "Forwards that failed (owner unreachable, slow or failing): served from here instead."
+    );
+    describe_gauge!(
+        CLUSTER_PEERS_HEALTHY,
+        "Other replicas that answered their last probe."
+    );
 }
 
 pub fn request(upstream: &str, kind: &'static str, outcome: &'static str, status: u16, bytes: u64) {
@@ -199,4 +219,20 @@ pub fn s3_request(operation: &'static str, status: Option<u16>, took: Duration) 
 
 pub fn s3_visibility_miss() {
     counter!(S3_VISIBILITY_MISSES).increment(1);
+}
+
+pub fn cluster_forwarded() {
+    counter!(CLUSTER_FORWARDED).increment(1);
+}
+
+pub fn cluster_served_for_peer() {
+    counter!(CLUSTER_SERVED_FOR_PEER).increment(1);
+}
+
+pub fn cluster_fallback() {
+    counter!(CLUSTER_LOCAL_FALLBACK).increment(1);
+}
+
+pub fn cluster_peers_healthy(n: usize) {
+    gauge!(CLUSTER_PEERS_HEALTHY).set(n as f64);
 }

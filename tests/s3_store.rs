@@ -482,7 +482,7 @@ async fn the_bucket_keeps_its_own_bound_evicting_least_recently_used_images() {
         &env.storage_with(
             &env.garage.endpoint(),
             "sweep_interval = \"1s\"",
-            "max_size = \"30MiB\"",
+            "max_size = \"30MiB\"\neviction_grace = \"0s\"",
         ),
         &upstream("fake", &env.up.url(), true, ""),
     )

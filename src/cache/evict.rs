@@ -128,29 +128,59 @@ pub fn plan(
     p
 }
 
+/// Does this replica run the bucket-wide work now (several replicas share one bucket: exactly
+/// one of them sweeps it)?
+pub type Leads = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// With shared storage, how often a replica shares its use stamps (bucket eviction reads every
+/// replica's before deleting anything).
+const SHARE_USAGE_EVERY: Duration = Duration::from_secs(30);
+
+/// Blobs bucket eviction chose, and when (a use stamp): deleted after the grace period unless
+/// a replica used them since.
+struct Doomed {
+    at: u64,
+    blobs: HashSet<Digest>,
+}
+
 /// The store's background upkeep: exact totals at start-up, eviction whenever the store is
 /// over `max_size` (checked every `sweep_interval`, and at once when a commit crosses it),
-/// orphan temp files and dangling metadata, and saving access times.
+/// orphan temp files and dangling metadata, and saving access times. With shared storage the
+/// bucket-wide part (abandoned uploads, the bucket's bound) runs only while `leads` says so.
 pub async fn sweeper(
     store: Arc<Store>,
     cfg: StorageConfig,
     pins: Vec<PinConfig>,
     upstream_names: Arc<dyn Fn(&str) -> String + Send + Sync>,
+    leads: Leads,
     stopping: CancellationToken,
 ) {
     if let Err(e) = store.load_usage().await {
         tracing::warn!(error = %e, "could not load saved use stamps");
     }
+    let mut doomed: Option<Doomed> = None;
+    let share = if store.is_tiered() {
+        SHARE_USAGE_EVERY.min(cfg.sweep_interval)
+    } else {
+        cfg.sweep_interval
+    };
+    let mut next_sweep = tokio::time::Instant::now();
     loop {
-        if let Err(e) = sweep_once(&store, &cfg, &pins, &upstream_names).await {
-            tracing::error!(error = %e, "store sweep failed");
+        if tokio::time::Instant::now() >= next_sweep {
+            let lead = leads();
+            if let Err(e) =
+                sweep_once(&store, &cfg, &pins, &upstream_names, lead, &mut doomed).await
+            {
+                tracing::error!(error = %e, "store sweep failed");
+            }
+            next_sweep = tokio::time::Instant::now() + cfg.sweep_interval;
         }
         if let Err(e) = store.save_usage().await {
             tracing::warn!(error = %e, "could not save use stamps");
         }
         tokio::select! {
-            _ = tokio::time::sleep(cfg.sweep_interval) => {}
-            _ = store.over_limit.notified() => {}
+            _ = tokio::time::sleep_until(next_sweep.min(tokio::time::Instant::now() + share)) => {}
+            _ = store.over_limit.notified() => next_sweep = tokio::time::Instant::now(),
             _ = stopping.cancelled() => break,
         }
     }
@@ -164,15 +194,22 @@ async fn sweep_once(
     cfg: &StorageConfig,
     pins: &[PinConfig],
     upstream_names: &Arc<dyn Fn(&str) -> String + Send + Sync>,
+    lead: bool,
+    doomed: &mut Option<Doomed>,
 ) -> io::Result<()> {
     sweep_temp(store, cfg.sweep_interval).await;
     if store.is_tiered() {
+        sweep_tier(store, cfg).await?;
+        if !lead {
+            // Another replica sweeps the bucket; what this one chose is for it to choose again.
+            *doomed = None;
+            return Ok(());
+        }
         match store.blobs().sweep_abandoned().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(uploads = n, "aborted abandoned uploads"),
             Err(e) => tracing::warn!(error = %e, "could not sweep abandoned uploads"),
         }
-        sweep_tier(store, cfg).await?;
         // The bucket's own bound, if it has one: whole images, as on disk.
         if let StorageBackend::S3(s3) = &cfg.backend {
             if let (Some(max), Some(low)) = (s3.max_size, s3.low_water) {
@@ -181,7 +218,20 @@ async fn sweep_once(
                     tracing::warn!(error = %e, "could not read other replicas' use stamps");
                 }
                 let inv = Inventory::load(store).await?;
-                evict_images(store, &inv, max, low, pins, upstream_names).await?;
+                for key in &inv.dangling_manifest_meta {
+                    store.meta().delete(key).await?;
+                }
+                evict_bucket(
+                    store,
+                    &inv,
+                    max,
+                    low,
+                    pins,
+                    upstream_names,
+                    s3.eviction_grace,
+                    doomed,
+                )
+                .await?;
             }
         }
         return Ok(());
@@ -194,13 +244,73 @@ async fn sweep_once(
         store.meta().delete(key).await?;
     }
     if let (Some(max), Some(low)) = (cfg.max_size, cfg.low_water) {
-        evict_images(store, &inv, max, low, pins, upstream_names).await?;
+        evict_images(store, &inv, max, low, pins, upstream_names, &HashSet::new()).await?;
     }
     Ok(())
 }
 
+/// The bucket's bound, in two steps when replicas may be reading from it: choose the least
+/// recently used images now, delete them a grace period later, keeping every one a replica
+/// used meanwhile (its use stamps reach the bucket well within the grace period).
+#[allow(clippy::too_many_arguments)]
+async fn evict_bucket(
+    store: &Arc<Store>,
+    inv: &Inventory,
+    max: u64,
+    low: u64,
+    pins: &[PinConfig],
+    upstream_names: &Arc<dyn Fn(&str) -> String + Send + Sync>,
+    grace: Duration,
+    doomed: &mut Option<Doomed>,
+) -> io::Result<()> {
+    if grace.is_zero() {
+        return evict_images(store, inv, max, low, pins, upstream_names, &HashSet::new()).await;
+    }
+    let now = super::usage::unix_now_ms();
+    match doomed.take() {
+        None => {
+            if inv.total_bytes() <= max {
+                return Ok(());
+            }
+            let p = plan(
+                inv,
+                inv.total_bytes() - low,
+                |d| store.usage.last_use_in(inv, d),
+                &store.usage.in_use(),
+            );
+            if !p.blobs.is_empty() {
+                tracing::info!(
+                    blobs = p.blobs.len(),
+                    bytes = p.freed,
+                    grace_s = grace.as_secs(),
+                    "bucket over its bound: chose least recently used images, deleting them after the grace period"
+                );
+                *doomed = Some(Doomed {
+                    at: now,
+                    blobs: p.blobs.into_iter().collect(),
+                });
+            }
+            Ok(())
+        }
+        Some(d) if now < d.at + grace.as_millis() as u64 => {
+            *doomed = Some(d);
+            Ok(())
+        }
+        Some(d) => {
+            // Only what was chosen then and no replica used since.
+            let keep: HashSet<Digest> = inv
+                .blobs
+                .keys()
+                .filter(|b| !d.blobs.contains(*b) || store.usage.last_use_in(inv, b) > d.at)
+                .cloned()
+                .collect();
+            evict_images(store, inv, max, low, pins, upstream_names, &keep).await
+        }
+    }
+}
+
 /// When the store holds more than `max`, removes least recently used images (never pinned
-/// ones, nor blobs being read) until it holds `low` or less.
+/// ones, nor blobs being read, nor images with a blob in `keep`) until it holds `low` or less.
 async fn evict_images(
     store: &Arc<Store>,
     inv: &Inventory,
@@ -208,6 +318,7 @@ async fn evict_images(
     low: u64,
     pins: &[PinConfig],
     upstream_names: &Arc<dyn Fn(&str) -> String + Send + Sync>,
+    keep: &HashSet<Digest>,
 ) -> io::Result<()> {
     let total = inv.total_bytes();
     if total <= max {
@@ -217,6 +328,7 @@ async fn evict_images(
     all_pins.extend(store.recorded_pins().await.unwrap_or_default());
     let mut protected = pinned(inv, &all_pins, |u| upstream_names(u));
     protected.extend(store.usage.in_use());
+    protected.extend(keep.iter().cloned());
     let usage = store.usage.clone();
     let p = plan(inv, total - low, |d| usage.last_use_in(inv, d), &protected);
     store.remove(&p).await?;

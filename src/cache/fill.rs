@@ -28,6 +28,8 @@ use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamReques
 pub struct FillSource {
     pub upstream: Arc<Upstream>,
     pub repo: RepoName,
+    /// The replica that owns the digest, asked before the upstream (`[cluster]`).
+    pub via: Option<crate::cluster::Via>,
 }
 
 /// Where a fill reads its bytes.
@@ -38,6 +40,10 @@ pub enum Origin {
     /// Shared storage (the bucket) has the blob, of this size: it is copied into the local
     /// tier, verified like any other fill.
     Shared { size: u64 },
+    /// The replica that owns the digest (`FillSource::via`): this fill follows the owner's,
+    /// so the cluster fetches the blob from the upstream once. An owner that cannot be
+    /// reached or fails before its body starts makes this an upstream fill.
+    Peer,
 }
 
 impl Origin {
@@ -45,6 +51,7 @@ impl Origin {
         match self {
             Origin::Upstream => "upstream",
             Origin::Shared { .. } => "shared storage",
+            Origin::Peer => "owner replica",
         }
     }
 }
@@ -250,14 +257,22 @@ async fn fill_blob(
         .await
         .map_err(storage_error)?;
     let _ = fill.temp_name.set(temp.name());
-    let (total, mut stream) = match fill.origin {
+    let mut origin = fill.origin;
+    let (total, mut stream) = match origin {
         Origin::Upstream => from_upstream(fill).await?,
         Origin::Shared { size } => (Some(size), from_shared(store.clone(), digest.clone(), size)),
+        Origin::Peer => match from_peer(fill).await {
+            Some(found) => found,
+            None => {
+                origin = Origin::Upstream;
+                from_upstream(fill).await?
+            }
+        },
     };
-    // What the source did wrong: the upstream's fault, or (shared storage) ours.
+    // What the source did wrong: the upstream's (or the owner's), or (shared storage) ours.
     let bad_source = |kind: UpstreamErrorKind| -> FillError {
-        match fill.origin {
-            Origin::Upstream => up.error(kind).into(),
+        match origin {
+            Origin::Upstream | Origin::Peer => up.error(kind).into(),
             Origin::Shared { .. } => FillError::Storage(format!("shared copy: {kind}").into()),
         }
     };
@@ -333,7 +348,7 @@ async fn fill_blob(
                             "blob longer than its Content-Length",
                         )));
                     }
-                    if fill.origin == Origin::Upstream {
+                    if origin == Origin::Upstream {
                         crate::metrics::upstream_bytes(up.name(), c.len() as u64);
                     }
                     received += c.len() as u64;
@@ -355,7 +370,7 @@ async fn fill_blob(
         return Err(bad_source(UpstreamErrorKind::Truncated));
     }
     if &actual != digest {
-        if let Origin::Shared { .. } = fill.origin {
+        if let Origin::Shared { .. } = origin {
             // A content-addressed object that does not match its address helps nobody.
             tracing::error!(digest = %digest, actual = %actual, "the shared copy is corrupt; removing it");
             let _ = store.blobs().delete(digest).await;
@@ -367,7 +382,7 @@ async fn fill_blob(
         file,
         size: written,
     });
-    if let Err(e) = store.commit_fill(digest, temp, written, fill.origin).await {
+    if let Err(e) = store.commit_fill(digest, temp, written, origin).await {
         // Every follower already has its verified bytes; only the cached copy is lost.
         crate::metrics::storage_error();
         tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
@@ -407,6 +422,42 @@ async fn from_upstream(fill: &Fill) -> Result<(Option<u64>, ByteStream), FillErr
         })
     });
     Ok((total, body.boxed()))
+}
+
+/// Asks the digest's owner replica for the blob: it serves it from its store or from its own
+/// fill. `None` (the owner is unreachable, slow to answer, or failing): fetch it here instead.
+async fn from_peer(fill: &Fill) -> Option<(Option<u64>, ByteStream)> {
+    let via = fill.source.via.as_ref()?;
+    let up = &fill.source.upstream;
+    let req = UpstreamRequest {
+        method: Method::GET,
+        repo: &fill.source.repo,
+        path: format!("blobs/{}", fill.digest),
+        query: None,
+        headers: HeaderMap::new(),
+        streaming: true,
+    };
+    let resp = match via.cluster.forward(&via.owner, up.name(), &req).await {
+        Ok(r) if r.status() == http::StatusCode::OK => r,
+        Ok(r) => {
+            tracing::warn!(digest = %fill.digest, owner = %via.owner, status = %r.status(), "owner answered a whole-blob request oddly; fetching it here");
+            crate::metrics::cluster_fallback();
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(digest = %fill.digest, error = %e, "owner replica unavailable; fetching the blob here");
+            return None;
+        }
+    };
+    let total = resp.content_length();
+    let (up, owner) = (up.clone(), via.owner.clone());
+    let body = resp.bytes_stream().map(move |r| {
+        r.map_err(|e| {
+            tracing::warn!(owner = %owner, error = %e, "the owner replica's body broke off");
+            FillError::from(up.error(UpstreamErrorKind::Truncated))
+        })
+    });
+    Some((total, body.boxed()))
 }
 
 /// Reads the blob from shared storage, `SHARED_READ` bytes at a time (each read bounded by
@@ -454,5 +505,6 @@ pub(super) fn test_source() -> FillSource {
     FillSource {
         upstream: Arc::new(upstream),
         repo: "test/repo".parse().expect("test repository"),
+        via: None,
     }
 }

@@ -405,6 +405,7 @@ impl Store {
             };
             let origin = match self.shared_size(digest).await {
                 Some(size) => fill::Origin::Shared { size },
+                None if source.via.is_some() => fill::Origin::Peer,
                 None => fill::Origin::Upstream,
             };
             let mut fills = self.fills.lock().unwrap();

@@ -40,7 +40,7 @@ impl Store {
 
     /// Makes a verified fill's spool file a stored blob. From the upstream: into the store
     /// (with shared storage: the local tier, then uploaded from there), journaled. From shared
-    /// storage: into the local tier only.
+    /// storage or from the owner replica (which uploads it): into the local tier only.
     pub(crate) async fn commit_fill(
         &self,
         digest: &Digest,
@@ -66,6 +66,8 @@ impl Store {
                 crate::metrics::bucket_fill();
                 Ok(())
             }
+            // The owner replica puts it in shared storage.
+            fill::Origin::Peer => Ok(()),
             fill::Origin::Upstream => {
                 // Read a part at a time from the local copy (bounded memory).
                 self.blobs.copy_file(digest, file, size).await?;

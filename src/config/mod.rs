@@ -20,18 +20,21 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+mod cluster;
 mod pins;
 mod s3;
 mod server;
 mod storage;
 mod upstream;
 
+pub use cluster::{member_url, ClusterConfig, Members};
 pub use pins::{parse_image_ref, PinConfig};
 pub use s3::S3Config;
 pub use server::{ServerConfig, DEFAULT_LISTEN};
 pub use storage::{StorageBackend, StorageConfig, DEFAULT_ROOT};
 pub use upstream::{RepoGlobs, UpstreamConfig};
 
+use cluster::RawCluster;
 use pins::RawPin;
 use server::RawServer;
 use storage::RawStorage;
@@ -45,6 +48,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Images never evicted (`[[pin]] image = "docker.io/library/alpine:3.20"`).
     pub pins: Vec<PinConfig>,
+    /// Several replicas forming one cache (`[cluster]`); `None` for a single process.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +83,7 @@ struct RawConfig {
     upstream: Vec<RawUpstream>,
     #[serde(default)]
     pin: Vec<RawPin>,
+    cluster: Option<RawCluster>,
 }
 
 /// Looks up an environment variable; tests pass their own instead of mutating the process's.
@@ -124,11 +130,13 @@ impl Config {
         let storage = storage::validate_storage(raw.storage, env)?;
         let upstreams = upstream::validate_upstreams(raw.upstream, env)?;
         let pins = pins::validate_pins(raw.pin, &upstreams)?;
+        let cluster = raw.cluster.map(cluster::validate_cluster).transpose()?;
         Ok(Config {
             server,
             storage,
             upstreams,
             pins,
+            cluster,
         })
     }
 }
@@ -169,7 +177,7 @@ fn parse_error_message(text: &str, e: &toml::de::Error) -> String {
             .unwrap_or(key)
             .trim()
             .trim_matches(['"', '\'']);
-        matches!(key, "password" | "secret_access_key")
+        matches!(key, "password" | "secret_access_key" | "secret")
     });
     if !holds_secret {
         return e.to_string();

@@ -40,6 +40,9 @@ pub struct S3Config {
     /// A multipart upload begun this long ago and still recorded is taken as abandoned (its
     /// writer died) and aborted by the sweep (`abandoned_uploads_after`).
     pub abandoned_uploads_after: Duration,
+    /// Bucket eviction deletes what it chose this long after choosing it, and only what no
+    /// replica used meanwhile (`eviction_grace`; `0s`: at once).
+    pub eviction_grace: Duration,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -61,6 +64,7 @@ impl std::fmt::Debug for S3Config {
             .field("request_timeout", &self.request_timeout)
             .field("retries", &self.retries)
             .field("abandoned_uploads_after", &self.abandoned_uploads_after)
+            .field("eviction_grace", &self.eviction_grace)
             .finish()
     }
 }
@@ -83,6 +87,7 @@ pub(super) struct RawS3 {
     request_timeout: Option<String>,
     max_retries: Option<u32>,
     abandoned_uploads_after: Option<String>,
+    eviction_grace: Option<String>,
 }
 
 /// A secret as read from the file: its `Debug` is redacted like `S3Config`'s.
@@ -102,6 +107,9 @@ const DEFAULT_S3_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_S3_RETRIES: u32 = 3;
 /// Longer than any upload of a live writer (parts are bounded by the request timeout).
 const DEFAULT_ABANDONED_UPLOADS_AFTER: Duration = Duration::from_secs(3600);
+/// Longer than replicas take to share their use stamps (`SHARE_USAGE_EVERY`) plus a long copy
+/// from the bucket into a local tier.
+const DEFAULT_EVICTION_GRACE: Duration = Duration::from_secs(600);
 
 pub(super) fn validate_s3(s3: RawS3, env: Env) -> Result<S3Config, ConfigError> {
     let key = |k: &str| format!("storage.s3.{k}");
@@ -212,6 +220,8 @@ pub(super) fn validate_s3(s3: RawS3, env: Env) -> Result<S3Config, ConfigError> 
         request_timeout,
         retries: s3.max_retries.unwrap_or(DEFAULT_S3_RETRIES),
         abandoned_uploads_after,
+        eviction_grace: super::opt_duration(&key("eviction_grace"), &s3.eviction_grace)?
+            .unwrap_or(DEFAULT_EVICTION_GRACE),
     })
 }
 
@@ -322,6 +332,7 @@ mod tests {
                 request_timeout = "1m"
                 max_retries = 5
                 abandoned_uploads_after = "2h"
+                eviction_grace = "30s"
                 "#,
                 secret_file.display()
             ),
@@ -350,6 +361,7 @@ mod tests {
                 request_timeout: Duration::from_secs(60),
                 retries: 5,
                 abandoned_uploads_after: Duration::from_secs(7200),
+                eviction_grace: Duration::from_secs(30),
             }
         );
     }
@@ -377,6 +389,7 @@ mod tests {
                 request_timeout: Duration::from_secs(30),
                 retries: 3,
                 abandoned_uploads_after: Duration::from_secs(3600),
+                eviction_grace: Duration::from_secs(600),
             }
         );
         let c = parse_env(

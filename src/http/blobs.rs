@@ -11,6 +11,7 @@ use super::access_log::Outcome;
 use super::body::{self, Body, BoxError};
 use super::{with_outcome, AppState, Ctx};
 use crate::cache::{read, BlobState, FillError, FillSource, Progress};
+use crate::cluster::Via;
 use crate::error::ApiError;
 use crate::oci::range::{RangeSpec, Resolved};
 use crate::oci::{Digest, Hasher};
@@ -26,8 +27,9 @@ pub async fn serve(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(RangeSpec::parse);
-    // Shared storage may serve committed blobs itself (S3 `redirect = true`).
-    if !ctx.head {
+    // Shared storage may serve committed blobs itself (S3 `redirect = true`); not to another
+    // replica, which keeps a copy of what it is sent.
+    if !ctx.head && ctx.peer.is_none() {
         if let Some(url) = state.store.redirect(&digest).await {
             state.store.usage.touch(&digest);
             let r = Response::builder()
@@ -43,6 +45,7 @@ pub async fn serve(
     let source = (!ctx.head && !ctx.upstream.offline()).then(|| FillSource {
         upstream: ctx.upstream.clone(),
         repo: ctx.repo.clone(),
+        via: ctx.via(state, &digest.to_string()),
     });
     let found = state
         .store
@@ -99,7 +102,9 @@ pub async fn serve(
             })?;
             Ok(with_outcome(r, outcome))
         }
-        BlobState::Miss => head_upstream(ctx, &digest, range).await,
+        BlobState::Miss => {
+            head_upstream(ctx, ctx.via(state, &digest.to_string()), &digest, range).await
+        }
     }
 }
 
@@ -149,23 +154,23 @@ fn respond(
     Ok(b.body(body).expect("valid response"))
 }
 
-/// HEAD of a blob that is neither stored nor filling: ask the upstream, fetch nothing.
+/// HEAD of a blob that is neither stored nor filling: ask the owner replica or the upstream,
+/// fetch nothing.
 async fn head_upstream(
     ctx: &Ctx,
+    via: Option<Via>,
     digest: &Digest,
     range: Option<RangeSpec>,
 ) -> Result<Response<Body>, ApiError> {
-    let resp = ctx
-        .upstream
-        .send(&UpstreamRequest {
-            method: Method::HEAD,
-            repo: &ctx.repo,
-            path: format!("blobs/{digest}"),
-            query: None,
-            headers: identity(),
-            streaming: false,
-        })
-        .await?;
+    let req = UpstreamRequest {
+        method: Method::HEAD,
+        repo: &ctx.repo,
+        path: format!("blobs/{digest}"),
+        query: None,
+        headers: identity(),
+        streaming: false,
+    };
+    let resp = crate::cluster::ask(&ctx.upstream, via.as_ref(), &req).await?;
     // The header, not `content_length()`: for HEAD that is the (empty) body's size.
     let size: Option<u64> = resp
         .headers()

@@ -14,6 +14,7 @@ use super::access_log::Outcome;
 use super::body::{self, Body};
 use super::{with_outcome, AppState, Ctx};
 use crate::cache::{Store, StoredManifest, TagEntry};
+use crate::cluster::Via;
 use crate::error::ApiError;
 use crate::oci::{media, Digest, Hasher, Reference, RepoName, Tag};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
@@ -38,7 +39,7 @@ async fn by_digest(
         return Ok(with_outcome(manifest_response(&m, ctx.head), Outcome::Hit));
     }
     if ctx.head {
-        let head = upstream_head(ctx, &digest.to_string()).await?;
+        let head = upstream_head(state, ctx, &digest.to_string()).await?;
         let found = head
             .into_entry()
             .filter(|(d, _, _)| d == digest)
@@ -75,7 +76,7 @@ async fn by_tag(state: &AppState, ctx: &Ctx, tag: &Tag) -> Result<Response<Body>
         return serve_entry(state, ctx, &entry, Outcome::Hit).await;
     }
     // Stale: revalidate with a HEAD, which does not count against Docker Hub's pull limit.
-    match upstream_head(ctx, tag.as_str()).await {
+    match upstream_head(state, ctx, tag.as_str()).await {
         Ok(head) => match head.into_entry() {
             Some((d, media_type, size)) if d == entry.digest => {
                 let entry = tags
@@ -139,7 +140,9 @@ async fn serve_entry(
 async fn tag_miss(state: &AppState, ctx: &Ctx, tag: &Tag) -> Result<Response<Body>, ApiError> {
     let up = ctx.upstream.name();
     if ctx.head {
-        if let Some((d, media_type, size)) = upstream_head(ctx, tag.as_str()).await?.into_entry() {
+        if let Some((d, media_type, size)) =
+            upstream_head(state, ctx, tag.as_str()).await?.into_entry()
+        {
             if let Err(e) = state
                 .store
                 .tags
@@ -209,18 +212,31 @@ impl HeadAnswer {
     }
 }
 
-async fn upstream_head(ctx: &Ctx, reference: &str) -> Result<HeadAnswer, UpstreamError> {
-    let resp = ctx
-        .upstream
-        .send(&UpstreamRequest {
-            method: Method::HEAD,
-            repo: &ctx.repo,
-            path: format!("manifests/{reference}"),
-            query: None,
-            headers: forwarded_accept(ctx),
-            streaming: false,
-        })
-        .await?;
+/// The key that decides which replica asks the upstream about `reference`: a digest is owned
+/// like a blob, a tag per upstream, repository and tag.
+fn owner_key(ctx: &Ctx, reference: &str) -> String {
+    if reference.contains(':') {
+        reference.to_string()
+    } else {
+        format!("{}/{}:{reference}", ctx.upstream.name(), ctx.repo)
+    }
+}
+
+async fn upstream_head(
+    state: &AppState,
+    ctx: &Ctx,
+    reference: &str,
+) -> Result<HeadAnswer, UpstreamError> {
+    let via = ctx.via(state, &owner_key(ctx, reference));
+    let req = UpstreamRequest {
+        method: Method::HEAD,
+        repo: &ctx.repo,
+        path: format!("manifests/{reference}"),
+        query: None,
+        headers: forwarded_accept(ctx),
+        streaming: false,
+    };
+    let resp = crate::cluster::ask(&ctx.upstream, via.as_ref(), &req).await?;
     let h = resp.headers();
     let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
     Ok(HeadAnswer {
@@ -276,6 +292,7 @@ async fn fetch(
             fetch_upstream(
                 state.store.clone(),
                 ctx.upstream.clone(),
+                ctx.via(state, &owner_key(ctx, reference)),
                 ctx.repo.clone(),
                 reference.to_string(),
                 expected.cloned(),
@@ -297,25 +314,26 @@ async fn fetch(
 /// Fetches a manifest whole (up to the size cap), verifies it (against `expected`, else against
 /// the upstream's `Docker-Content-Digest`) and stores it. Storage failure is logged and the
 /// manifest still served.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_upstream(
     store: Arc<Store>,
     up: Arc<Upstream>,
+    via: Option<Via>,
     repo: RepoName,
     reference: String,
     expected: Option<Digest>,
     accept: HeaderMap,
     cap: u64,
 ) -> Result<Arc<StoredManifest>, ApiError> {
-    let resp = up
-        .send(&UpstreamRequest {
-            method: Method::GET,
-            repo: &repo,
-            path: format!("manifests/{reference}"),
-            query: None,
-            headers: accept,
-            streaming: false,
-        })
-        .await?;
+    let req = UpstreamRequest {
+        method: Method::GET,
+        repo: &repo,
+        path: format!("manifests/{reference}"),
+        query: None,
+        headers: accept,
+        streaming: false,
+    };
+    let resp = crate::cluster::ask(&up, via.as_ref(), &req).await?;
     if resp.status() != StatusCode::OK {
         return Err(up
             .error(UpstreamErrorKind::Status(resp.status().as_u16()))

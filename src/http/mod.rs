@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use self::access_log::{LoggedBody, Outcome, RequestInfo};
 use self::body::Body;
 use crate::cache::Store;
+use crate::cluster::{Cluster, PeerCheck, Via};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::oci::{Kind, RepoName, Route};
@@ -31,6 +32,8 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Serve `/metrics`, `/healthz`, `/readyz` on the registry listener too (no `admin_listen`).
     pub admin_on_main: bool,
+    /// The other replicas (`[cluster]`).
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// One proxied request after routing.
@@ -45,6 +48,8 @@ pub struct Ctx {
     /// The client's request headers without `Authorization` and `Proxy-Authorization`.
     pub headers: HeaderMap,
     pub query: Option<String>,
+    /// The replica that forwarded this request (signed): it is served here, never forwarded.
+    pub peer: Option<String>,
 }
 
 impl Ctx {
@@ -54,6 +59,15 @@ impl Ctx {
             .get_all(header::ACCEPT)
             .iter()
             .filter_map(|v| v.to_str().ok())
+    }
+
+    /// Where a miss of `key` goes before the upstream: its owner replica, unless that is this
+    /// one, the request was forwarded already (one hop at most), or nothing may be fetched.
+    pub fn via(&self, state: &AppState, key: &str) -> Option<Via> {
+        if self.peer.is_some() || self.upstream.offline() {
+            return None;
+        }
+        state.cluster.as_ref()?.via(key)
     }
 }
 
@@ -149,10 +163,32 @@ async fn route<B>(
         ));
     }
     let head = req.method() == Method::HEAD;
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let peer = match crate::cluster::check(
+        state.cluster.as_deref(),
+        req.headers(),
+        req.method(),
+        target,
+    ) {
+        PeerCheck::Client => None,
+        PeerCheck::Peer(id) => Some(id),
+        PeerCheck::Refused => {
+            tracing::warn!(remote = %info.remote, "refused a request with a bad cluster peer signature");
+            return Err(ApiError::Denied(
+                "the cluster peer marker is reserved for this cluster's replicas",
+            ));
+        }
+    };
     let name = match &route {
         Route::Base => {
             let mut r = json_response(StatusCode::OK, "{}", head);
             r.extensions_mut().insert(Outcome::Hit);
+            // A replica's probe learns who answers.
+            if let (Some(_), Some(c)) = (&peer, &state.cluster) {
+                if let Ok(v) = HeaderValue::from_str(c.id()) {
+                    r.headers_mut().insert(crate::cluster::REPLICA_HEADER, v);
+                }
+            }
             return Ok(r);
         }
         Route::Catalog => {
@@ -173,7 +209,18 @@ async fn route<B>(
             .find(|(k, _)| k == "ns")
             .map(|(_, v)| v.into_owned())
     });
-    let (upstream, repo) = state.upstreams.select(ns.as_deref(), &name)?;
+    let forwarded_for = req
+        .headers()
+        .get(crate::cluster::UPSTREAM_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let (upstream, repo) = match (&peer, forwarded_for) {
+        // Another replica routed it already: the upstream by its configured name.
+        (Some(_), Some(up)) => state.upstreams.named(up, &name)?,
+        _ => state.upstreams.select(ns.as_deref(), &name)?,
+    };
+    if peer.is_some() {
+        crate::metrics::cluster_served_for_peer();
+    }
     info.upstream = Some(upstream.name().clone());
     info.repository = Some(repo.to_string());
     info.reference = match &route {
@@ -194,6 +241,7 @@ async fn route<B>(
         head,
         headers,
         query,
+        peer,
     };
     let mut resp = match route {
         Route::Blob { digest, .. } => blobs::serve(state, &ctx, digest).await?,

@@ -89,6 +89,26 @@ impl Upstreams {
         self.list.iter().find(|u| u.config().matches(name))
     }
 
+    /// The upstream configured as `name` and `repo` as it is asked for there (a request
+    /// forwarded by another replica, which already selected both).
+    pub fn named(
+        &self,
+        name: &str,
+        repo: &RepoName,
+    ) -> Result<(Arc<Upstream>, RepoName), ApiError> {
+        let up = self
+            .list
+            .iter()
+            .find(|u| &**u.name() == name)
+            .ok_or_else(|| {
+                ApiError::NoUpstream(format!("upstream {name:?} is not configured here"))
+            })?;
+        if !up.config().admits(repo.as_str()) {
+            return Err(ApiError::NameUnknown);
+        }
+        Ok((up.clone(), repo.clone()))
+    }
+
     /// Picks the upstream for a request and the repository name to ask it for:
     /// `ns=` first, then a first path component naming an upstream, then the default.
     pub fn select(

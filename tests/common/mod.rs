@@ -7,6 +7,7 @@
 
 pub mod auth_e2e;
 pub mod clients;
+pub mod cluster;
 pub mod fake_registry;
 pub mod garage;
 pub mod oci_e2e;

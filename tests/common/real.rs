@@ -110,6 +110,11 @@ impl ChildGuard {
         })
     }
 
+    /// The process id (0 once killed).
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// The exit status if the process has already ended.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()
