@@ -446,5 +446,45 @@ mod example_tests {
         assert_eq!(s3.secret_access_key.as_deref(), Some("s3cr3t"));
         assert_eq!(s3.low_water, Some((2u64 << 40) / 100 * 90));
         assert_eq!(s3.retries, 3);
+        assert_eq!(s3.eviction_grace, Duration::from_secs(600));
+    }
+
+    /// Its commented `[cluster]` block, uncommented with either kind of member list, is valid.
+    #[test]
+    fn config_example_cluster_block_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cluster-secret");
+        std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+        let example = include_str!("../../config.example.toml");
+        for (keep, drop) in [("peers = ", "peers_dns"), ("peers_dns = ", "peers = ")] {
+            let mut text = String::new();
+            let mut in_cluster = false;
+            for line in example.lines() {
+                in_cluster = in_cluster || line == "# [cluster]";
+                let setting = line
+                    .strip_prefix("# ")
+                    .filter(|l| l.starts_with('[') || l.contains(" = "))
+                    .filter(|l| {
+                        !l.starts_with(drop)
+                            && !(keep == "peers = " && l.starts_with("dns_refresh"))
+                    });
+                let line = match setting {
+                    Some(l) if in_cluster && l.starts_with("secret_file = ") => {
+                        format!("secret_file = {:?}", secret.display().to_string())
+                    }
+                    Some(l) if in_cluster => l.to_string(),
+                    _ => line.to_string(),
+                };
+                text.push_str(&line);
+                text.push('\n');
+            }
+            let c = Config::parse_with_env(&text, &|_| None).unwrap();
+            let cluster = c.cluster.expect("a [cluster] section");
+            assert_eq!(cluster.secret, b"0123456789abcdef0123", "{keep}");
+            match cluster.members {
+                Members::Static(list) => assert_eq!(list.len(), 3),
+                Members::Dns { port, .. } => assert_eq!(port, 5000),
+            }
+        }
     }
 }
