@@ -465,8 +465,9 @@ mod example_tests {
                     .strip_prefix("# ")
                     .filter(|l| l.starts_with('[') || l.contains(" = "))
                     .filter(|l| {
-                        !l.starts_with(drop)
-                            && !(keep == "peers = " && l.starts_with("dns_refresh"))
+                        let dropped = l.starts_with(drop)
+                            || (keep == "peers = " && l.starts_with("dns_refresh"));
+                        !dropped
                     });
                 let line = match setting {
                     Some(l) if in_cluster && l.starts_with("secret_file = ") => {
