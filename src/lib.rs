@@ -28,6 +28,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod cache;
 pub mod clock;
 pub mod cluster;
