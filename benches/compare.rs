@@ -1,6 +1,7 @@
 //! `cargo bench --bench compare`: entrepot side by side with CNCF distribution's proxy mode and
-//! with nginx serving the same files, on loopback, against one real upstream (issue 4); and
-//! both proxies again with their stores in a bucket of one Garage node (issue 10).
+//! with nginx serving the same files, on loopback, against one real upstream (issue 4); both
+//! proxies again with their stores in a bucket of one Garage node (issue 10); and both as several
+//! replicas on one bucket against one replica (issue 11).
 //!
 //! # Layout
 //!
@@ -13,13 +14,17 @@
 //! S3 scenarios (`s3cold1`, `s3cold16`, `s3warm8`), the same upstream relays:
 //! Garage ◄─ relay ◄─ entrepot, backend = "s3" (bucket "entrepot") ◄─ clients
 //!        ◄─ relay ◄─ distribution proxy, s3 driver (bucket "distribution") ◄─ clients
+//!
+//! Cluster scenario (`cluster`), a relay to the upstream and one to Garage per replica:
+//! upstream ◄─ relay i ◄─ entrepot replica i ([cluster], bucket "entrepot") ◄─ clients i, i+N, …
+//! Garage   ◄─ relay i ◄─┘   (and the same with N distribution proxies on bucket "distribution")
 //! ```
 //!
 //! Each relay counts what crosses it, so upstream bytes and requests, and what each proxy sends
 //! to and reads from its bucket, are measured on the wire. Every scenario runs the peers one at
 //! a time, alternating their order round by round, and the report gives medians and ratios
-//! (entrepot ÷ peer) against the targets of issue 4 and issue 10, in two tables that go into
-//! two blocks of BENCHMARKS.md. Sizes and rounds come from `COMPARE_*` variables (see
+//! (entrepot ÷ peer) against the targets of issues 4, 10 and 11, in three tables that go into
+//! three blocks of BENCHMARKS.md. Sizes and rounds come from `COMPARE_*` variables (see
 //! [`Settings::from_env`]); `COMPARE_QUICK=1` is a small, one-round run for iterating.
 
 mod support;
@@ -37,6 +42,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use support::{
+    cluster,
     garage::{self, Garage},
     load,
     procs::{self, ChildGuard, RegistryStorage, Server},
@@ -49,10 +55,11 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// The scenarios, by the names `COMPARE_ONLY` and the bench's arguments select them with:
 /// those of issue 4 (filesystem backend), then those of issue 10 (`s3…`, the s3 backend on
-/// Garage). `s3` selects the three of issue 10.
-const SCENARIOS: [&str; 10] = [
+/// Garage), then issue 11's (`cluster`: several replicas on one bucket). `s3` selects the three
+/// of issue 10.
+const SCENARIOS: [&str; 11] = [
     "cold1", "cold16", "warm8", "small", "tag", "digest", "startup", "s3cold1", "s3cold16",
-    "s3warm8",
+    "s3warm8", "cluster",
 ];
 
 /// The report a scenario's rows go to, each a table and a block of BENCHMARKS.md of its own.
@@ -62,15 +69,24 @@ enum Block {
     Fs,
     /// Issue 10: both proxies with their store in a Garage bucket.
     S3,
+    /// Issue 11: both proxies as several replicas on one Garage bucket, against one replica.
+    Cluster,
 }
 
 impl Block {
     fn of(scenario: &str) -> Self {
         if scenario.starts_with("s3") {
             Block::S3
+        } else if scenario == "cluster" {
+            Block::Cluster
         } else {
             Block::Fs
         }
+    }
+
+    /// Whether the block's scenarios need Garage (and so `.ci/install-garage.sh`).
+    fn uses_garage(self) -> bool {
+        matches!(self, Block::S3 | Block::Cluster)
     }
 
     fn scenarios(self) -> impl Iterator<Item = &'static str> {
@@ -93,6 +109,9 @@ struct Settings {
     cold_clients: usize,
     warm_clients: usize,
     startup_blobs: usize,
+    /// The cluster scenario: replicas of the many-replica setups, and concurrent cold clients.
+    replicas: usize,
+    cluster_clients: usize,
     only: Vec<String>,
     /// `COMPARE_WRITE`: None writes each block of BENCHMARKS.md whose scenarios all ran.
     write: Option<bool>,
@@ -111,6 +130,7 @@ impl Settings {
     /// `COMPARE_QUICK=1` small sizes and one round; `COMPARE_BLOB_MIB` (256), `COMPARE_SMALL_KIB`
     /// (100), `COMPARE_ROUNDS` (3), `COMPARE_WRK_SECS` (8), `COMPARE_CONNECTIONS` (64),
     /// `COMPARE_COLD_CLIENTS` (16), `COMPARE_WARM_CLIENTS` (8), `COMPARE_STARTUP_BLOBS` (100000),
+    /// `COMPARE_REPLICAS` (3) and `COMPARE_CLUSTER_CLIENTS` (24) for the cluster scenario,
     /// `COMPARE_ONLY=cold1,tag,...` (or scenario names as arguments; `s3` for the three S3
     /// scenarios), `COMPARE_WRITE=0|1` (BENCHMARKS.md; default: a block is rewritten when every
     /// scenario of it ran, not in a quick run), `COMPARE_INSTALL=0`
@@ -155,6 +175,12 @@ impl Settings {
             if quick { 10_000 } else { 100_000 },
             "COMPARE_STARTUP_BLOBS",
         )?;
+        let replicas = num(var("COMPARE_REPLICAS"), 3, "COMPARE_REPLICAS")?;
+        let cluster_clients = num(
+            var("COMPARE_CLUSTER_CLIENTS"),
+            24,
+            "COMPARE_CLUSTER_CLIENTS",
+        )?;
         let mut only: Vec<String> = var("COMPARE_ONLY")
             .map(|v| {
                 v.split(',')
@@ -184,9 +210,10 @@ impl Settings {
         let entrepot_log = var("COMPARE_ENTREPOT_LOG");
         let nginx_sendfile = var("COMPARE_NGINX_SENDFILE").is_none_or(|v| v != "0" && v != "off");
         ensure!(
-            rounds > 0 && blob_mib > 0 && small_kib > 0,
+            rounds > 0 && blob_mib > 0 && small_kib > 0 && cluster_clients > 0,
             "sizes must be positive"
         );
+        ensure!(replicas >= 2, "COMPARE_REPLICAS must be at least 2");
         Ok(Self {
             quick,
             blob: blob_mib << 20,
@@ -198,6 +225,8 @@ impl Settings {
             cold_clients,
             warm_clients,
             startup_blobs,
+            replicas,
+            cluster_clients,
             only,
             write,
             install,
@@ -326,9 +355,24 @@ struct Bench {
     s3: Option<S3Side>,
     rows: Vec<Row>,
     s3_rows: Vec<Row>,
-    /// Time spent in each block's scenarios (the S3 block's includes starting Garage).
+    cluster: ClusterReport,
+    /// Time spent in each block's scenarios (the S3 block's includes starting Garage; the
+    /// cluster block's too when it runs without the S3 scenarios).
     fs_took: Duration,
     s3_took: Duration,
+    cluster_took: Duration,
+}
+
+/// What the cluster scenario reports beside its rows.
+#[derive(Default)]
+struct ClusterReport {
+    rows: Vec<Row>,
+    /// The titles of its two scenarios: several replicas (whose reference is entrepot as one
+    /// replica), and one replica of each proxy.
+    many: String,
+    one: String,
+    /// One line per replica and run: who fetched what, the cluster counters.
+    details: Vec<String>,
 }
 
 impl Bench {
@@ -359,8 +403,10 @@ impl Bench {
             s3: None,
             rows: Vec::new(),
             s3_rows: Vec::new(),
+            cluster: ClusterReport::default(),
             fs_took: Duration::ZERO,
             s3_took: Duration::ZERO,
+            cluster_took: Duration::ZERO,
         })
     }
 
@@ -471,12 +517,14 @@ impl Bench {
                 "s3cold1" => self.cold_single(s3).await,
                 "s3cold16" => self.cold_concurrent(s3).await,
                 "s3warm8" => self.s3_warm_pulls().await,
+                "cluster" => self.cluster_pulls().await,
                 other => unreachable!("scenario {other} has no step"),
             };
             let took = started.elapsed();
             match Block::of(name) {
                 Block::Fs => self.fs_took += took,
                 Block::S3 => self.s3_took += took,
+                Block::Cluster => self.cluster_took += took,
             }
             result.with_context(|| format!("scenario {name}"))?;
             println!("== {name} took {took:.1?}");
@@ -992,6 +1040,362 @@ impl Bench {
         Ok(())
     }
 
+    /// A random layer of the big layer's size that no cache has seen, pushed straight to the
+    /// upstream (not through a relay); then `sync`, so that writing back this file (and what
+    /// the previous run left) does not land in the measurement.
+    async fn fresh_layer(&self, seed: u64) -> Result<seed::Pushed> {
+        let size = self.s.blob as usize;
+        let data = tokio::task::spawn_blocking(move || seed::random_bytes(size, seed)).await?;
+        let pushed = seed::push_blob(
+            &load::client()?,
+            &self.upstream.url(""),
+            &self.seeded.repo,
+            data,
+        )
+        .await?;
+        let status = tokio::task::spawn_blocking(|| Command::new("sync").status()).await??;
+        ensure!(status.success(), "sync failed: {status}");
+        Ok(pushed)
+    }
+
+    /// Starts `setup` on the fresh prefix `name` of its proxy's bucket, replica i reaching the
+    /// upstream and Garage through relays i, each with an empty local store; returns once every
+    /// replica answers `GET /v2/` and, for an entrepot cluster, every replica sees all the
+    /// others up (`entrepot_cluster_peers_healthy`).
+    async fn start_replicas(
+        &self,
+        setup: Setup,
+        name: &str,
+        relays: &ClusterRelays,
+    ) -> Result<Vec<Instance>> {
+        let s3 = self.s3.as_ref().context("Garage is not started")?;
+        let n = setup.replicas;
+        let mut instances = Vec::with_capacity(n);
+        match setup.proxy {
+            Proxy::Entrepot => {
+                let ports = cluster::free_ports(n)?;
+                for (i, &port) in ports.iter().enumerate() {
+                    let dir = self.tmp.path().join(format!("{name}-r{i}"));
+                    fs::create_dir_all(&dir)?;
+                    let place = s3
+                        .garage
+                        .place(&relays.bucket[i].url(), ENTREPOT_BUCKET, name);
+                    let extra = if n > 1 {
+                        cluster::cluster_toml(port, &ports)
+                    } else {
+                        String::new()
+                    };
+                    let cmd = procs::entrepot_command(
+                        &dir,
+                        &dir.join("store"),
+                        &place.entrepot_storage(),
+                        &relays.upstream[i].url(),
+                        port,
+                        self.s.entrepot_log.as_deref(),
+                        &extra,
+                    )?;
+                    let process = ChildGuard::spawn(
+                        &format!("entrepot-r{i}"),
+                        cmd,
+                        dir.join("entrepot.log"),
+                    )?;
+                    instances.push(Instance {
+                        server: Server { port, process },
+                        dir,
+                    });
+                }
+                for instance in &mut instances {
+                    let server = &mut instance.server;
+                    procs::wait_answering(server.port, &mut server.process, "/v2/", &[200]).await?;
+                }
+                if n > 1 {
+                    cluster::wait_peers_healthy(&load::client()?, &ports).await?;
+                }
+            }
+            Proxy::Distribution => {
+                for i in 0..n {
+                    let dir = self.tmp.path().join(format!("{name}-r{i}"));
+                    let place = s3
+                        .garage
+                        .place(&relays.bucket[i].url(), DISTRIBUTION_BUCKET, name);
+                    let server = procs::start_registry(
+                        &format!("distribution-r{i}"),
+                        &dir,
+                        Some(&relays.upstream[i].url()),
+                        Some(RegistryStorage::Driver(place.distribution_storage(false))),
+                    )
+                    .await?;
+                    instances.push(Instance { server, dir });
+                }
+            }
+        }
+        Ok(instances)
+    }
+
+    /// The cluster counters of the replicas on `ports`.
+    async fn cluster_figures(ports: &[u16]) -> Result<Vec<cluster::Figures>> {
+        let client = load::client()?;
+        let mut all = Vec::with_capacity(ports.len());
+        for &port in ports {
+            all.push(cluster::figures(&client, port).await?);
+        }
+        Ok(all)
+    }
+
+    /// One run of the cluster scenario: a fresh layer, `setup` started on a fresh prefix, the
+    /// cold clients spread round-robin over its replicas, and what crossed each replica's
+    /// relays until all of them fell quiet.
+    async fn cluster_run(
+        &self,
+        setup: Setup,
+        round: usize,
+        relays: &ClusterRelays,
+        seed: u64,
+    ) -> Result<ClusterRun> {
+        let layer = self.fresh_layer(seed).await?;
+        let name = format!("cluster-{}-{round}", setup.key());
+        let instances = self.start_replicas(setup, &name, relays).await?;
+        let n = setup.replicas;
+        let ports: Vec<u16> = instances.iter().map(|i| i.server.port).collect();
+        let clustered = setup.proxy == Proxy::Entrepot && n > 1;
+        let figures_before = if clustered {
+            Some(Self::cluster_figures(&ports).await?)
+        } else {
+            None
+        };
+        let watched: Vec<&Relay> = relays.upstream[..n]
+            .iter()
+            .chain(&relays.bucket[..n])
+            .collect();
+        let before: Vec<Counts> = watched.iter().map(|r| r.counts()).collect();
+        let cpu_before = instances
+            .iter()
+            .map(|i| i.server.cpu_seconds())
+            .collect::<Result<Vec<_>>>()?;
+        let path = self.blob_path(&layer);
+        let urls: Vec<String> = instances.iter().map(|i| i.server.url(&path)).collect();
+        let times = load::pull_spread(&urls, self.s.cluster_clients, layer.size).await;
+        // The uploads to the bucket may lag the clients: everything is read once every relay
+        // of the run has been quiet for 750 ms.
+        let after = settle_all(&watched).await;
+        let times = times.with_context(|| {
+            instances
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{}:\n{}",
+                        i.server.process.name(),
+                        i.server.process.output_tail()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })?;
+        let figures_after = match figures_before {
+            Some(_) => Some(Self::cluster_figures(&ports).await?),
+            None => None,
+        };
+        let mut replicas = Vec::with_capacity(n);
+        for (i, instance) in instances.iter().enumerate() {
+            let mine: Vec<Duration> = times.iter().skip(i).step_by(n).copied().collect();
+            replicas.push(ReplicaRun {
+                clients: mine.len(),
+                slowest: mine.iter().max().copied().unwrap_or_default(),
+                upstream: after[i] - before[i],
+                bucket: after[n + i] - before[n + i],
+                peak_rss: instance.server.memory()?.peak_rss,
+                cpu: instance.server.cpu_seconds()? - cpu_before[i],
+                figures: figures_before
+                    .as_ref()
+                    .zip(figures_after.as_ref())
+                    .map(|(b, a)| a[i] - b[i]),
+            });
+        }
+        Ok(ClusterRun {
+            slowest: times.iter().max().copied().unwrap_or_default(),
+            replicas,
+            owner: if clustered {
+                cluster::owner_of(&ports, &layer.digest)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Issue 11: the same cold layer pulled by many clients through several replicas on one
+    /// bucket, against one replica; entrepot and distribution, one and N replicas, each run on
+    /// a layer of its own, the four setups alternating round by round.
+    async fn cluster_pulls(&mut self) -> Result<()> {
+        let garage_port = self.s3().await?.garage.server.port;
+        let n = self.s.replicas;
+        let clients = self.s.cluster_clients;
+        let size = self.s.blob;
+        let mut relays = ClusterRelays {
+            upstream: Vec::with_capacity(n),
+            bucket: Vec::with_capacity(n),
+        };
+        for _ in 0..n {
+            relays
+                .upstream
+                .push(Relay::start(self.upstream.port).await?);
+            relays.bucket.push(Relay::start(garage_port).await?);
+        }
+        let many = format!(
+            "cold pull, {clients} clients round-robin over {n} replicas, same {} layer, one \
+             Garage bucket",
+            size_label(size)
+        );
+        let one = format!(
+            "cold pull, {clients} clients on 1 replica, same {} layer, Garage bucket",
+            size_label(size)
+        );
+        let many_rows = CLUSTER_MEASURES.map(|(measure, unit)| {
+            Row::new(&many, measure, unit)
+                .with_distribution()
+                .with_reference("entrepot, 1 replica")
+        });
+        let [bytes, time, rss, cpu, sent] = many_rows;
+        let mut many_rows = [
+            bytes.target(
+                &format!("1.00 ({n} ÷ 1)"),
+                Subject::RatioToReference,
+                Goal::AtMost(1.005),
+            ),
+            time.target(
+                &format!("≤ 1.2 ({n} ÷ 1)"),
+                Subject::RatioToReference,
+                Goal::AtMost(1.2),
+            ),
+            rss,
+            cpu,
+            sent,
+        ];
+        let mut one_rows = CLUSTER_MEASURES
+            .map(|(measure, unit)| Row::new(&one, measure, unit).with_distribution());
+        let mut counters = [
+            "forwards to the owner (entrepot_cluster_forwarded_total, all replicas)",
+            "requests served for a peer (entrepot_cluster_served_for_peer_total)",
+            "local fallbacks (entrepot_cluster_local_fallback_total)",
+        ]
+        .map(|measure| Row::new(&many, measure, Unit::Count));
+        let setups = [
+            Setup {
+                proxy: Proxy::Entrepot,
+                replicas: 1,
+            },
+            Setup {
+                proxy: Proxy::Entrepot,
+                replicas: n,
+            },
+            Setup {
+                proxy: Proxy::Distribution,
+                replicas: 1,
+            },
+            Setup {
+                proxy: Proxy::Distribution,
+                replicas: n,
+            },
+        ];
+        let base_seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(7, |d| d.as_nanos() as u64);
+        let mut details = Vec::new();
+        for round in 0..self.s.rounds {
+            for (k, setup) in order(round, &setups).into_iter().enumerate() {
+                let seed = base_seed.wrapping_add(((round * setups.len() + k + 1) * 7919) as u64);
+                let r = self
+                    .cluster_run(setup, round, &relays, seed)
+                    .await
+                    .with_context(|| setup.label())?;
+                let upstream = r.total(|x| x.upstream.bytes_down as f64) / size as f64;
+                let sent_ratio = r.total(|x| x.bucket.bytes_up as f64) / size as f64;
+                let peak = r.replicas.iter().map(|x| x.peak_rss).max().unwrap_or(0);
+                let cpu_s = r.total(|x| x.cpu);
+                println!(
+                    "round {round}: {:<16} slowest {:.3} s, upstream bytes ÷ size {upstream:.3} \
+                     ({} requests), bucket: {sent_ratio:.3}× sent, {:.3}× read, {} requests; \
+                     largest VmHWM {:.1} MiB, CPU {cpu_s:.2} s",
+                    setup.label(),
+                    r.slowest.as_secs_f64(),
+                    r.total(|x| x.upstream.requests as f64),
+                    r.total(|x| x.bucket.bytes_down as f64) / size as f64,
+                    r.total(|x| x.bucket.requests as f64),
+                    peak as f64 / MIB,
+                );
+                if n > 1 && setup.replicas > 1 {
+                    for (i, x) in r.replicas.iter().enumerate() {
+                        let line = format!(
+                            "round {round}, {}, replica {i}{}: {} clients, slowest {:.3} s; \
+                             upstream {:.3}× ({} requests); bucket {:.3}× sent, {:.3}× read \
+                             ({} requests); VmHWM {:.1} MiB; CPU {:.2} s{}",
+                            setup.label(),
+                            if r.owner == Some(i) { " (owner)" } else { "" },
+                            x.clients,
+                            x.slowest.as_secs_f64(),
+                            x.upstream.bytes_down as f64 / size as f64,
+                            x.upstream.requests,
+                            x.bucket.bytes_up as f64 / size as f64,
+                            x.bucket.bytes_down as f64 / size as f64,
+                            x.bucket.requests,
+                            x.peak_rss as f64 / MIB,
+                            x.cpu,
+                            x.figures.map_or_else(String::new, |f| format!(
+                                "; forwarded {}, served for a peer {}, fallbacks {}",
+                                f.forwarded, f.served_for_peer, f.local_fallback
+                            )),
+                        );
+                        println!("  {line}");
+                        details.push(line);
+                    }
+                }
+                let values = [
+                    upstream,
+                    r.slowest.as_secs_f64(),
+                    peak as f64 / MIB,
+                    cpu_s,
+                    sent_ratio,
+                ];
+                match (setup.proxy, setup.replicas) {
+                    (Proxy::Entrepot, 1) => {
+                        push_values(&mut many_rows, Peer::Reference, &values);
+                        push_values(&mut one_rows, ENTREPOT, &values);
+                    }
+                    (Proxy::Entrepot, _) => {
+                        push_values(&mut many_rows, ENTREPOT, &values);
+                        let f = r.replicas.iter().filter_map(|x| x.figures).fold(
+                            cluster::Figures::default(),
+                            |a, b| cluster::Figures {
+                                forwarded: a.forwarded + b.forwarded,
+                                served_for_peer: a.served_for_peer + b.served_for_peer,
+                                local_fallback: a.local_fallback + b.local_fallback,
+                            },
+                        );
+                        push_values(
+                            &mut counters,
+                            ENTREPOT,
+                            &[f.forwarded, f.served_for_peer, f.local_fallback],
+                        );
+                        if f.local_fallback > 0.0 {
+                            counters[2].warnings.push(format!(
+                                "round {round}: {} replica(s) fetched without the owner",
+                                f.local_fallback
+                            ));
+                        }
+                    }
+                    (Proxy::Distribution, 1) => push_values(&mut one_rows, DISTRIBUTION, &values),
+                    (Proxy::Distribution, _) => push_values(&mut many_rows, DISTRIBUTION, &values),
+                }
+            }
+        }
+        self.cluster.rows.extend(many_rows);
+        self.cluster.rows.extend(counters);
+        self.cluster.rows.extend(one_rows);
+        self.cluster.many = many;
+        self.cluster.one = one;
+        self.cluster.details = details;
+        Ok(())
+    }
+
     /// The URL of `path` at `peer` (warm instances), and the relay in front of its upstream.
     fn target(&self, peer: Peer, path: &str) -> (String, Option<&Relay>) {
         let warm = self.warm.as_ref().expect("warm() first");
@@ -1162,6 +1566,7 @@ impl Bench {
                 &self.upstream.url(""),
                 port,
                 self.s.entrepot_log.as_deref(),
+                "",
             )?;
             let t0 = Instant::now();
             let mut child = ChildGuard::spawn("entrepot", cmd, dir.join("entrepot.log"))?;
@@ -1226,6 +1631,83 @@ impl ColdRound {
     }
 }
 
+/// A counting relay to the upstream and one to Garage for each replica of the cluster
+/// scenario; the runs take turns on them (relay i serves replica i of every setup).
+struct ClusterRelays {
+    upstream: Vec<Relay>,
+    bucket: Vec<Relay>,
+}
+
+/// One setup of the cluster scenario: a proxy as that many replicas.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Setup {
+    proxy: Proxy,
+    replicas: usize,
+}
+
+impl Setup {
+    /// "entrepot ×3", for the progress lines.
+    fn label(self) -> String {
+        format!("{} ×{}", name_of(self.proxy), self.replicas)
+    }
+
+    /// "entrepot3", in prefixes and folder names.
+    fn key(self) -> String {
+        format!("{}{}", name_of(self.proxy), self.replicas)
+    }
+}
+
+/// What one replica did in a run of the cluster scenario.
+struct ReplicaRun {
+    /// Its clients (client i went to replica i mod N) and the slowest of them.
+    clients: usize,
+    slowest: Duration,
+    /// What crossed its relay to the upstream, and its relay to Garage.
+    upstream: Counts,
+    bucket: Counts,
+    /// VmHWM.
+    peak_rss: u64,
+    /// CPU seconds from just before the clients started until every relay was quiet.
+    cpu: f64,
+    /// How its cluster counters moved (replicas of an entrepot cluster).
+    figures: Option<cluster::Figures>,
+}
+
+/// One run of the cluster scenario.
+struct ClusterRun {
+    /// The slowest client of all.
+    slowest: Duration,
+    replicas: Vec<ReplicaRun>,
+    /// The replica that owns the layer's digest (entrepot clusters).
+    owner: Option<usize>,
+}
+
+impl ClusterRun {
+    /// `f` summed over the replicas.
+    fn total(&self, f: impl Fn(&ReplicaRun) -> f64) -> f64 {
+        self.replicas.iter().map(f).sum()
+    }
+}
+
+/// The measures of the cluster scenario, each a row for several replicas and one for one.
+const CLUSTER_MEASURES: [(&str, Unit); 5] = [
+    ("upstream bytes ÷ blob size", Unit::Times),
+    ("time to last byte, slowest client", Unit::Seconds),
+    ("peak RSS, largest replica (VmHWM)", Unit::Mib),
+    ("CPU time, all replicas together", Unit::Seconds),
+    (
+        "bytes sent to the bucket ÷ blob size, all replicas",
+        Unit::Times,
+    ),
+];
+
+/// Pushes `values[i]` onto `peer`'s samples of `rows[i]`.
+fn push_values(rows: &mut [Row], peer: Peer, values: &[f64]) {
+    for (row, &v) in rows.iter_mut().zip(values) {
+        samples(row, peer).push(v);
+    }
+}
+
 fn name_of(proxy: Proxy) -> &'static str {
     match proxy {
         Proxy::Entrepot => "entrepot",
@@ -1251,12 +1733,22 @@ fn samples(row: &mut Row, peer: Peer) -> &mut report::Samples {
 /// Waits until nothing crosses the relay for 750 ms (a proxy may go on fetching after its
 /// client is served), at most 60 s, and returns the counters then.
 async fn settle(relay: &Relay) -> Counts {
-    let mut last = relay.counts();
+    settle_all(&[relay]).await[0]
+}
+
+/// [`settle`] for several relays at once: until none of them has moved for 750 ms.
+async fn settle_all(relays: &[&Relay]) -> Vec<Counts> {
+    let counts = || relays.iter().map(|r| r.counts()).collect::<Vec<_>>();
+    let mut last = counts();
     let mut quiet = 0;
     for _ in 0..240 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = relay.counts();
-        if now.bytes_down == last.bytes_down && now.bytes_up == last.bytes_up {
+        let now = counts();
+        let still = now
+            .iter()
+            .zip(&last)
+            .all(|(a, b)| a.bytes_down == b.bytes_down && a.bytes_up == b.bytes_up);
+        if still {
             quiet += 1;
             if quiet == 3 {
                 return now;
@@ -1376,11 +1868,17 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
     let (rows, block_took) = match block {
         Block::Fs => (&b.rows, b.fs_took),
         Block::S3 => (&b.s3_rows, b.s3_took),
+        Block::Cluster => (&b.cluster.rows, b.cluster_took),
     };
     let took = match block {
         Block::Fs => format!("took {:.0} s", took.as_secs_f64()),
         Block::S3 => format!(
             "the S3 scenarios took {:.0} s (Garage's start included; the whole run {:.0} s)",
+            block_took.as_secs_f64(),
+            took.as_secs_f64()
+        ),
+        Block::Cluster => format!(
+            "the cluster scenario took {:.0} s (the whole run {:.0} s)",
             block_took.as_secs_f64(),
             took.as_secs_f64()
         ),
@@ -1432,6 +1930,27 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
             s.warm_clients,
             entrepot_log(s),
         )),
+        Block::Cluster => out.push_str(&format!(
+            "Peers: entrepot's release binary as 1 replica (no `[cluster]`) and as {n} replicas \
+             (`[cluster]`: static `peers`, `advertise`, default timeouts and 2 s probes), each \
+             replica with its own empty local root, all on one fresh prefix of bucket \
+             `entrepot`; {} (s3 driver as in the S3 table, redirect disabled) as 1 and as {n} \
+             independent replicas on one fresh prefix of bucket `distribution`; one Garage node \
+             ({}). Every replica reaches the upstream and Garage through counting relays of its \
+             own; the figures are their sums.\n\n\
+             Sizes: a fresh random {} layer pushed to the upstream before each run (no replica, \
+             prefix or earlier run has seen it; `sync` before the replicas start), {} concurrent \
+             cold clients released together (client i pulls from replica i mod {n}), {} \
+             round(s) of the four setups (order rotated each round). entrepot log filter: \
+             {}.\n\n",
+            m.versions[0],
+            garage::version(),
+            size_label(s.blob),
+            s.cluster_clients,
+            s.rounds,
+            entrepot_log(s),
+            n = s.replicas,
+        )),
     }
     if s.quick {
         out.push_str("**Quick run (`COMPARE_QUICK`): small sizes, not the issue's.**\n\n");
@@ -1440,12 +1959,75 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
     let (distribution, issue) = match block {
         Block::Fs => ("distribution (proxy)", 4),
         Block::S3 => ("distribution (proxy, s3 driver)", 10),
+        Block::Cluster => ("distribution (proxy, s3 driver)", 11),
     };
+    if block == Block::Cluster {
+        out.push_str(&cluster_ratios(&b.cluster, s.replicas));
+        out.push_str(&format!(
+            "\nEvery figure; in the {n}-replica rows the reference is entrepot as one replica, \
+             so \"entrepot ÷ reference\" is entrepot's {n} ÷ 1:\n\n",
+            n = s.replicas
+        ));
+    }
     out.push_str(&report::table(rows, distribution));
     out.push_str(&format!("\nTargets (issue {issue}):\n\n"));
     out.push_str(&report::verdicts(rows));
     out.push_str("\nEvery round:\n\n");
     out.push_str(&report::rounds(rows));
+    if block == Block::Cluster && !b.cluster.details.is_empty() {
+        out.push_str(&format!(
+            "\nEvery replica of the {}-replica runs (owner: the replica the layer's digest \
+             hashes to):\n\n",
+            s.replicas
+        ));
+        for line in &b.cluster.details {
+            out.push_str(&format!("- {line}\n"));
+        }
+    }
+    out
+}
+
+/// The cluster scenario's ratios of N replicas to one, for each proxy: a small table.
+fn cluster_ratios(c: &ClusterReport, n: usize) -> String {
+    let median = |scenario: &str, measure: &str, pick: fn(&Row) -> Option<&report::Samples>| {
+        c.rows
+            .iter()
+            .find(|r| r.scenario == scenario && r.measure == measure)
+            .and_then(pick)
+            .and_then(report::Samples::median)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "—".to_owned(),
+    };
+    let mut out = format!(
+        "{n} replicas ÷ 1 replica, medians:\n\n| proxy | {} |\n|---|{}\n",
+        CLUSTER_MEASURES.map(|(m, _)| m).join(" | "),
+        "---:|".repeat(CLUSTER_MEASURES.len())
+    );
+    for (name, pick_many, pick_one) in [
+        (
+            "entrepot",
+            (|r: &Row| Some(&r.entrepot)) as fn(&Row) -> Option<&report::Samples>,
+            (|r: &Row| Some(&r.entrepot)) as fn(&Row) -> Option<&report::Samples>,
+        ),
+        (
+            "distribution",
+            |r: &Row| r.distribution.as_ref(),
+            |r: &Row| r.distribution.as_ref(),
+        ),
+    ] {
+        let cells: Vec<String> = CLUSTER_MEASURES
+            .iter()
+            .map(|(measure, _)| {
+                ratio(
+                    median(&c.many, measure, pick_many),
+                    median(&c.one, measure, pick_one),
+                )
+            })
+            .collect();
+        out.push_str(&format!("| {name} | {} |\n", cells.join(" | ")));
+    }
     out
 }
 
@@ -1468,6 +2050,11 @@ impl Block {
                 "<!-- compare-s3:begin (written by `cargo bench --bench compare -- s3`) -->",
                 "<!-- compare-s3:end -->",
                 "Last run on S3 (Garage)",
+            ),
+            Block::Cluster => (
+                "<!-- compare-cluster:begin (written by `cargo bench --bench compare -- cluster`) -->",
+                "<!-- compare-cluster:end -->",
+                "Several replicas on one bucket (issue 11)",
             ),
         }
     }
@@ -1505,7 +2092,7 @@ async fn bench(s: Settings) -> Result<()> {
     let result = b.run().await;
     let took = started.elapsed();
     let mut texts = Vec::new();
-    for block in [Block::Fs, Block::S3] {
+    for block in [Block::Fs, Block::S3, Block::Cluster] {
         if block.scenarios().any(|name| b.s.runs(name)) {
             let text = render(&b.s, &machine, &b, block, took);
             println!("\n{text}");
@@ -1542,8 +2129,11 @@ fn main() -> ExitCode {
         }
     };
     if settings.install {
-        // garage (a `cargo install` of 10-17 minutes when missing) only when an S3 scenario runs.
-        let s3 = Block::S3.scenarios().any(|name| settings.runs(name));
+        // garage (a `cargo install` of 10-17 minutes when missing) only when a scenario on
+        // Garage runs.
+        let s3 = SCENARIOS
+            .iter()
+            .any(|name| Block::of(name).uses_garage() && settings.runs(name));
         let scripts = [
             Some(".ci/install-bench-deps.sh"),
             s3.then_some(".ci/install-garage.sh"),

@@ -66,21 +66,29 @@ pub async fn pull(client: &reqwest::Client, url: &str, len: u64) -> Result<Durat
 /// `clients` concurrent pulls of `url`, each its own client (so its own connection), released
 /// together. Returns each client's time to last byte, from the common start.
 pub async fn pull_concurrent(url: &str, clients: usize, len: u64) -> Result<Vec<Duration>> {
+    pull_spread(&[url.to_owned()], clients, len).await
+}
+
+/// [`pull_concurrent`] with the clients spread round-robin over `urls` (client `i` pulls
+/// `urls[i % urls.len()]`): several replicas of one cache. The times are in client order.
+pub async fn pull_spread(urls: &[String], clients: usize, len: u64) -> Result<Vec<Duration>> {
+    ensure!(!urls.is_empty(), "no URL to pull");
     let barrier = Arc::new(Barrier::new(clients + 1));
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
+    for i in 0..clients {
         let client = client()?;
-        let url = url.to_owned();
+        let url = urls[i % urls.len()].clone();
         let barrier = barrier.clone();
         tasks.spawn(async move {
             barrier.wait().await;
-            pull(&client, &url, len).await
+            pull(&client, &url, len).await.map(|t| (i, t))
         });
     }
     barrier.wait().await;
-    let mut times = Vec::with_capacity(clients);
+    let mut times = vec![Duration::ZERO; clients];
     while let Some(joined) = tasks.join_next().await {
-        times.push(joined??);
+        let (i, t) = joined??;
+        times[i] = t;
     }
     Ok(times)
 }

@@ -167,6 +167,39 @@ pub fn memory(pid: u32) -> Result<Memory> {
     })
 }
 
+/// CPU time (user + system, every thread) `pid` has used since it started, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("parsing /proc/{pid}/stat: {stat:?}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("no field {} in /proc/{pid}/stat", i + 3))
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// `getconf CLK_TCK` (the unit of /proc's CPU times), read once; 100 when it cannot be read.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|&t: &f64| t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
 /// A server on 127.0.0.1 that answers `GET /v2/`.
 pub struct Server {
     pub port: u16,
@@ -184,6 +217,10 @@ impl Server {
 
     pub fn memory(&self) -> Result<Memory> {
         memory(self.pid()?)
+    }
+
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        cpu_seconds(self.pid()?)
     }
 
     /// Starts `spawn(port)` on a free port and waits until `GET /v2/` answers 200. A lost race
@@ -343,14 +380,14 @@ pub async fn start_entrepot(
 ) -> Result<Server> {
     fs::create_dir_all(dir)?;
     Server::start(|port| {
-        let cmd = entrepot_command(dir, store, storage, upstream_url, port, log_filter)?;
+        let cmd = entrepot_command(dir, store, storage, upstream_url, port, log_filter, "")?;
         ChildGuard::spawn("entrepot", cmd, dir.join("entrepot.log"))
     })
     .await
 }
 
 /// The command that runs entrepot on `port` (config written to `dir/entrepot.toml`); `storage`
-/// as for [`start_entrepot`].
+/// as for [`start_entrepot`]; `extra` is appended to the config (a `[cluster]` table, or "").
 pub fn entrepot_command(
     dir: &Path,
     store: &Path,
@@ -358,6 +395,7 @@ pub fn entrepot_command(
     upstream_url: &str,
     port: u16,
     log_filter: Option<&str>,
+    extra: &str,
 ) -> Result<Command> {
     let config = dir.join("entrepot.toml");
     fs::write(
@@ -366,7 +404,7 @@ pub fn entrepot_command(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"1s\"\n\n\
              [storage]\nroot = {store:?}\n{storage}\n\
              [[upstream]]\nname = \"upstream\"\nurl = \"{upstream_url}\"\ndefault = true\n\
-             tag_ttl = \"1h\"\n",
+             tag_ttl = \"1h\"\n{extra}",
             store = store.display().to_string(),
         ),
     )?;
