@@ -1,6 +1,7 @@
 //! The server: binds nothing itself (it takes a bound listener, so tests use port 0), serves
-//! HTTP/1.1 and h2c, tracks every task it spawns, and shuts down by draining: stop accepting,
-//! let requests and fills finish for the grace period, then cancel what is left.
+//! HTTP/1.1 and h2c (or both over TLS with `[server.tls]`), tracks every task it spawns, and
+//! shuts down by draining: stop accepting, let requests and fills finish for the grace period,
+//! then cancel what is left.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +21,7 @@ use crate::cache::Store;
 use crate::clock::Clock;
 use crate::config::{Config, StorageBackend};
 use crate::http::{self, AppState};
+use crate::server_tls::ServerTls;
 use crate::upstream::Upstreams;
 
 /// How often histogram buckets of the metrics recorder are rolled over.
@@ -34,6 +36,12 @@ pub enum StartError {
     Store { root: String, source: io::Error },
     #[error("cannot build the upstream client: {0}")]
     Client(#[from] reqwest::Error),
+    /// A `[server.tls]` file changed between the configuration check and start-up.
+    #[error("{key}: {source}", key = .source.key())]
+    Tls {
+        #[from]
+        source: crate::server_tls::LoadError,
+    },
 }
 
 pub struct Server {
@@ -44,6 +52,8 @@ pub struct Server {
     cancel: CancellationToken,
     /// Fired when shutdown begins: stops background work (sweeper, metrics upkeep).
     stopping: CancellationToken,
+    /// `[server.tls]`: the registry listener's certificate; `None` serves plain HTTP.
+    tls: Option<Arc<ServerTls>>,
 }
 
 /// How connections are served: HTTP/1.1 and h2c, with the limits that keep a slow or hostile
@@ -121,6 +131,15 @@ impl Server {
             .transpose()?;
         let metrics = crate::metrics::install();
         crate::metrics::cache_max(config.storage.max_size);
+        // The handshake counts against the header read timeout: a client that opens a
+        // connection and stalls in the handshake holds its slot no longer than one that stalls
+        // in its request head.
+        let tls = config
+            .server
+            .tls
+            .clone()
+            .map(|files| ServerTls::new(files, config.server.header_read_timeout).map(Arc::new))
+            .transpose()?;
         Ok(Server {
             state: Arc::new(AppState {
                 admin_on_main: config.server.admin_listen.is_none(),
@@ -135,7 +154,14 @@ impl Server {
             tracker,
             cancel,
             stopping: CancellationToken::new(),
+            tls,
         })
+    }
+
+    /// The listener's TLS side, when `[server.tls]` is set: `request_reload` re-reads its
+    /// files (the binary calls it on SIGHUP).
+    pub fn tls(&self) -> Option<Arc<ServerTls>> {
+        self.tls.clone()
     }
 
     /// The clock tag freshness and token expiry use; tests advance it.
@@ -171,6 +197,10 @@ impl Server {
         let slots = Arc::new(tokio::sync::Semaphore::new(
             self.state.config.server.max_connections,
         ));
+        // Before the first request: a store from before scoped reads keeps serving its images.
+        if let Err(e) = self.state.store.link_existing_tags().await {
+            tracing::warn!(error = %e, "could not link the store's tagged images");
+        }
         self.spawn_background();
         if let Some(admin) = admin {
             self.tracker.spawn(serve_admin(
@@ -195,16 +225,36 @@ impl Server {
                             let state = state.clone();
                             async move { Ok::<_, Infallible>(http::handle(state, req, remote).await) }
                         });
-                        let conn = builder
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .into_owned();
-                        let conn = graceful.watch(conn);
-                        self.tracker.spawn(async move {
-                            let _slot = slot;
-                            if let Err(e) = conn.await {
-                                tracing::debug!(remote = %remote, error = %e, "connection ended with an error");
+                        match &self.tls {
+                            None => {
+                                let conn = builder
+                                    .serve_connection(TokioIo::new(stream), svc)
+                                    .into_owned();
+                                let conn = graceful.watch(conn);
+                                self.tracker.spawn(async move {
+                                    let _slot = slot;
+                                    if let Err(e) = conn.await {
+                                        tracing::debug!(remote = %remote, error = %e, "connection ended with an error");
+                                    }
+                                });
                             }
-                        });
+                            // The handshake runs in the connection's task, holding its slot:
+                            // the accept loop never waits on a client. The watcher is taken
+                            // now, so a shutdown that begins mid-handshake still reaches it.
+                            Some(tls) => {
+                                let serve = tls.clone().serve(
+                                    stream,
+                                    remote,
+                                    builder.clone(),
+                                    graceful.watcher(),
+                                    svc,
+                                );
+                                self.tracker.spawn(async move {
+                                    let _slot = slot;
+                                    serve.await;
+                                });
+                            }
+                        }
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -279,6 +329,16 @@ impl Server {
         if let Some(cluster) = &self.state.cluster {
             self.tracker
                 .spawn(cluster.clone().run(self.stopping.clone()));
+        }
+        if let Some(auth) = &cfg.auth {
+            self.tracker
+                .spawn(auth.clone().watch(self.stopping.clone()));
+        }
+        if let Some(tls) = &self.tls {
+            self.tracker.spawn(
+                tls.clone()
+                    .watch(crate::server_tls::WATCH_INTERVAL, self.stopping.clone()),
+            );
         }
         let store = self.state.store.clone();
         let every = store.generation_check_interval();

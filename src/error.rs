@@ -3,9 +3,12 @@
 //! a generic message. Upstream failures name the upstream by its configured name only: never a
 //! URL, a token or a credential.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::auth::Refusal;
 use crate::http::body::{self, Body};
 use crate::oci::{Kind, NameError, RouteError};
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
@@ -29,9 +32,20 @@ pub enum ApiError {
     ManifestUnknown,
     #[error("repository name not known to registry")]
     NameUnknown,
-    /// Refused whoever asks (a forged peer marker).
+    /// Refused: whoever asks (a forged peer marker), or this authenticated client (the read
+    /// policy).
     #[error("{0}")]
     Denied(&'static str),
+    /// A read that needs credentials, or whose credentials are wrong: 401 with a `Basic`
+    /// challenge for `realm`.
+    #[error("{message}")]
+    Unauthorized {
+        realm: Arc<str>,
+        message: &'static str,
+    },
+    /// Too many password checks at once (a flood of wrong passwords): 429, retry shortly.
+    #[error("{0}")]
+    Busy(&'static str),
     /// `n` in `tags/list` is not a number.
     #[error("invalid pagination parameter n")]
     PaginationInvalid,
@@ -42,6 +56,24 @@ pub enum ApiError {
     /// Our own failure (storage, a bug). The message is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The read policy's refusals: 401 with a challenge, 403, or 429 for a flood of password checks.
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        match r {
+            Refusal::NoCredentials { realm } => ApiError::Unauthorized {
+                realm,
+                message: "authentication required",
+            },
+            Refusal::BadCredentials { realm } => ApiError::Unauthorized {
+                realm,
+                message: "wrong user name or password",
+            },
+            Refusal::NotAllowed => ApiError::Denied("not allowed to read this repository"),
+            Refusal::Busy => ApiError::Busy("too many password checks at once, retry shortly"),
+        }
+    }
 }
 
 impl ApiError {
@@ -65,6 +97,8 @@ impl ApiError {
             }
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Denied(_) => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream(e) => match &e.kind {
                 UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline => StatusCode::NOT_FOUND,
                 UpstreamErrorKind::Denied => StatusCode::FORBIDDEN,
@@ -98,6 +132,8 @@ impl ApiError {
             ApiError::PaginationInvalid => "PAGINATION_NUMBER_INVALID",
             ApiError::RangeNotSatisfiable { .. } => "BLOB_UNKNOWN",
             ApiError::Denied(_) => "DENIED",
+            ApiError::Unauthorized { .. } => "UNAUTHORIZED",
+            ApiError::Busy(_) => "TOOMANYREQUESTS",
             ApiError::Upstream(e) => match &e.kind {
                 UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline => unknown,
                 UpstreamErrorKind::Denied => "DENIED",
@@ -166,6 +202,14 @@ impl ApiError {
             }
             ApiError::Unsupported(_) | ApiError::MethodNotAllowed => {
                 h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            ApiError::Unauthorized { realm, .. } => {
+                if let Some(v) = crate::auth::basic_challenge(realm) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            ApiError::Busy(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -9,6 +9,7 @@
 //! error.rs     ApiError: the one place errors become HTTP status + OCI error JSON
 //! clock.rs     the clock tag TTLs and token expiry are measured with
 //! tls.rs       the process's rustls crypto provider (ring), installed before any client
+//! server_tls.rs  [server.tls]: the listener's certificate, its reloads, client certificates
 //! oci/         protocol only, no I/O: names, references, digests, routes, media types, ranges
 //! http/        router, blob and manifest handlers, forwarded endpoints, access log, /metrics
 //! metrics.rs   Prometheus metric names and recording
@@ -37,6 +38,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod oci;
+pub mod server_tls;
 pub mod tls;
 pub mod tools;
 pub mod upstream;

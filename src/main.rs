@@ -177,6 +177,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let listen = cfg.server.listen;
     let admin_listen = cfg.server.admin_listen;
     let server = Server::new(cfg)?;
+    let server_tls = server.tls();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -191,10 +192,42 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    server
-        .run_with_admin(listener, admin, shutdown_signal())
-        .await?;
+    let run = server.run_with_admin(listener, admin, shutdown_signal());
+    match tls_reload_requests(&server_tls)? {
+        // Runs beside the server, in this task: nothing to stop when the server returns.
+        Some(reloads) => tokio::select! {
+            ran = run => ran?,
+            never = reloads => match never {},
+        },
+        None => run.await?,
+    }
     Ok(())
+}
+
+/// With `[server.tls]`, a future that asks for a reload of its files on every SIGHUP and never
+/// ends. The handler is installed before the server answers anything; without TLS, SIGHUP keeps
+/// its default action.
+fn tls_reload_requests(
+    tls: &Option<std::sync::Arc<entrepot::server_tls::ServerTls>>,
+) -> anyhow::Result<Option<impl std::future::Future<Output = std::convert::Infallible>>> {
+    let Some(tls) = tls.clone() else {
+        return Ok(None);
+    };
+    #[cfg(unix)]
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP ([server.tls] reloads)")?;
+    Ok(Some(async move {
+        loop {
+            #[cfg(unix)]
+            if hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP received: reloading the TLS files");
+                tls.request_reload();
+                continue;
+            }
+            // No more signals can come (or, off unix, none ever will): only the file watch reloads.
+            std::future::pending::<()>().await;
+        }
+    }))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -30,6 +30,8 @@ pub const CLUSTER_FORWARDED: &str = "entrepot_cluster_forwarded_total";
 pub const CLUSTER_SERVED_FOR_PEER: &str = "entrepot_cluster_served_for_peer_total";
 pub const CLUSTER_LOCAL_FALLBACK: &str = "entrepot_cluster_local_fallback_total";
 pub const CLUSTER_PEERS_HEALTHY: &str = "entrepot_cluster_peers_healthy";
+pub const TLS_RELOADS: &str = "entrepot_tls_reloads_total";
+pub const TLS_RELOAD_FAILURES: &str = "entrepot_tls_reload_failures_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -149,6 +151,14 @@ fn describe() {
         CLUSTER_PEERS_HEALTHY,
         "Other replicas that answered their last probe."
     );
+    describe_counter!(
+        TLS_RELOADS,
+        "[server.tls] files read again and put in service (SIGHUP or a file change)."
+    );
+    describe_counter!(
+        TLS_RELOAD_FAILURES,
+        "[server.tls] reloads refused (a file unreadable, not PEM, or not matching): the previous certificate stays in service."
+    );
 }
 
 pub fn request(upstream: &str, kind: &'static str, outcome: &'static str, status: u16, bytes: u64) {
@@ -235,4 +245,19 @@ pub fn cluster_fallback() {
 
 pub fn cluster_peers_healthy(n: usize) {
     gauge!(CLUSTER_PEERS_HEALTHY).set(n as f64);
+}
+
+/// `[server.tls]` is on: both reload counters exist from the start, so alerts on their increase
+/// see a zero rather than no series.
+pub fn tls_enabled() {
+    counter!(TLS_RELOADS).increment(0);
+    counter!(TLS_RELOAD_FAILURES).increment(0);
+}
+
+pub fn tls_reloaded() {
+    counter!(TLS_RELOADS).increment(1);
+}
+
+pub fn tls_reload_failed() {
+    counter!(TLS_RELOAD_FAILURES).increment(1);
 }

@@ -159,31 +159,42 @@ pub async fn sweeper(
         tracing::warn!(error = %e, "could not load saved use stamps");
     }
     let mut doomed: Option<Doomed> = None;
-    let share = if store.is_tiered() {
-        SHARE_USAGE_EVERY.min(cfg.sweep_interval)
-    } else {
-        cfg.sweep_interval
-    };
-    let mut next_sweep = tokio::time::Instant::now();
-    loop {
-        if tokio::time::Instant::now() >= next_sweep {
+    let sweeps = async {
+        loop {
             let lead = leads();
             if let Err(e) =
                 sweep_once(&store, &cfg, &pins, &upstream_names, lead, &mut doomed).await
             {
                 tracing::error!(error = %e, "store sweep failed");
             }
-            next_sweep = tokio::time::Instant::now() + cfg.sweep_interval;
+            if let Err(e) = store.save_usage().await {
+                tracing::warn!(error = %e, "could not save use stamps");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.sweep_interval) => {}
+                _ = store.over_limit.notified() => {}
+                _ = stopping.cancelled() => break,
+            }
         }
-        if let Err(e) = store.save_usage().await {
-            tracing::warn!(error = %e, "could not save use stamps");
+    };
+    // With shared storage, use stamps reach the bucket often: the replica that evicts from it
+    // reads them before deleting anything.
+    let share = async {
+        if !store.is_tiered() {
+            return;
         }
-        tokio::select! {
-            _ = tokio::time::sleep_until(next_sweep.min(tokio::time::Instant::now() + share)) => {}
-            _ = store.over_limit.notified() => next_sweep = tokio::time::Instant::now(),
-            _ = stopping.cancelled() => break,
+        let every = SHARE_USAGE_EVERY.min(cfg.sweep_interval);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stopping.cancelled() => break,
+            }
+            if let Err(e) = store.save_usage().await {
+                tracing::warn!(error = %e, "could not save use stamps");
+            }
         }
-    }
+    };
+    tokio::join!(sweeps, share);
     if let Err(e) = store.save_usage().await {
         tracing::warn!(error = %e, "could not save use stamps");
     }

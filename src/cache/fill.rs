@@ -222,6 +222,26 @@ pub(super) async fn run(entry: InProgress, tx: watch::Sender<Progress>, cancel: 
         _ = cancel.cancelled() => Err(FillError::Cancelled),
         r = fill_blob(&entry.store, &fill, &tx) => r,
     };
+    let result = match result {
+        Ok((size, origin)) => {
+            // The upstream served it for this repository (itself, or through the owner): a
+            // read under this pair needs no confirmation. Linked before the fill leaves the map.
+            if !matches!(origin, Origin::Shared { .. }) {
+                let s = &fill.source;
+                let linked = entry
+                    .store
+                    .links
+                    .add(s.upstream.name(), &s.repo, [fill.digest.clone()])
+                    .await;
+                if let Err(e) = linked {
+                    crate::metrics::storage_error();
+                    tracing::warn!(digest = %fill.digest, error = %e, "could not link the blob to its repository");
+                }
+            }
+            Ok(size)
+        }
+        Err(e) => Err(e),
+    };
     // The temp file (owned by `fill_blob`) is gone by now on every error path. Leaving the map
     // first means a request that sees the failure can start a fresh fill.
     drop(entry);
@@ -243,12 +263,12 @@ fn storage_error(e: io::Error) -> FillError {
     FillError::Storage(e.to_string().into())
 }
 
-/// Fetch, write, hash, verify, commit. Returns the blob's size.
+/// Fetch, write, hash, verify, commit. Returns the blob's size and where it came from.
 async fn fill_blob(
     store: &Arc<Store>,
     fill: &Fill,
     tx: &watch::Sender<Progress>,
-) -> Result<u64, FillError> {
+) -> Result<(u64, Origin), FillError> {
     let digest = &fill.digest;
     let up = &fill.source.upstream;
     // The temp file comes first: if the store cannot take the blob, no upstream request is
@@ -387,7 +407,7 @@ async fn fill_blob(
         crate::metrics::storage_error();
         tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
     }
-    Ok(written)
+    Ok((written, origin))
 }
 
 /// Asks the upstream for the blob: its announced size and its body.

@@ -56,6 +56,7 @@ impl Store {
         self.mapped.run_pending_tasks();
         self.manifest_cache.run_pending_tasks();
         self.tags.forget_all();
+        self.links.forget_all();
     }
 
     /// How often to look for changes made by other processes (`entrepot cache`, and with

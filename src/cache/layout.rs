@@ -5,6 +5,10 @@
 //! blobs/<alg>/<hex>                         verified content (layers, configs, manifests)
 //! meta/manifests/<alg>/<hex>                a stored manifest's media type
 //! meta/tags/<upstream>/<repo>/_tags/<tag>   tag → digest, media type, size, fetched-at
+//! meta/referrers/<upstream>/<repo>/_referrers/<alg>/<hex>
+//!                                           a subject's referrers: stored index or none, fetched-at
+//! meta/links/<upstream>/<repo>/_links       digests this upstream serves for this repository
+//! meta/links-ready                          the store's links were initialised
 //! meta/pins                                 pins recorded by prefetch and import
 //! meta/access                               last use of each blob (use stamps)
 //! meta/access/<replica>                     the same, one record per replica (shared storage)
@@ -37,8 +41,13 @@ pub const JOURNAL: &str = "meta/journal";
 pub const JOURNAL_ENTRIES: &str = "meta/journal/";
 pub const GENERATION: &str = "meta/generation";
 pub const UPLOADS: &str = "meta/uploads/";
+pub const REFERRERS: &str = "meta/referrers/";
+pub const LINKS: &str = "meta/links/";
+/// Present once a store's tagged images were linked (stores from before links existed).
+pub const LINKS_READY: &str = "meta/links-ready";
 
 const TAGS_FOLDER: &str = "/_tags/";
+const REFERRERS_FOLDER: &str = "/_referrers/";
 
 /// `blobs/<alg>/<hex>`
 pub fn blob(d: &Digest) -> String {
@@ -53,6 +62,22 @@ pub fn manifest_type(d: &Digest) -> String {
 /// `meta/tags/<upstream>/<repo>/_tags/<tag>`
 pub fn tag(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
     format!("{TAGS}{upstream}/{repo}{TAGS_FOLDER}{tag}")
+}
+
+/// `meta/links/<upstream>/<repo>/_links`: the digests a read under this pair may see.
+pub fn links(upstream: &str, repo: &RepoName) -> String {
+    format!("{LINKS}{upstream}/{repo}/_links")
+}
+
+/// `meta/referrers/<upstream>/<repo>/_referrers/<alg>/<hex>`: what the upstream last said the
+/// referrers of `subject` are (the `_referrers` folder keeps a 64-hex repository component from
+/// ever meeting a record's name).
+pub fn referrers(upstream: &str, repo: &RepoName, subject: &Digest) -> String {
+    format!(
+        "{REFERRERS}{upstream}/{repo}{REFERRERS_FOLDER}{}/{}",
+        subject.algorithm().as_str(),
+        subject.hex()
+    )
 }
 
 /// `meta/uploads/<id>`: the record of a multipart upload in progress (`id` hex-encoded).
@@ -141,5 +166,154 @@ mod tests {
         assert_eq!(key, "meta/tags/docker.io/library/alpine/_tags/3.20");
         assert_eq!(parse_tag_key(&key), Some(("docker.io".into(), repo, t)));
         assert_eq!(parse_tag_key("meta/tags/u/_tags/x"), None);
+        let app: RepoName = "org/app".parse().unwrap();
+        assert_eq!(
+            referrers("docker.io", &app, &d),
+            format!(
+                "meta/referrers/docker.io/org/app/_referrers/sha256/{}",
+                d.hex()
+            )
+        );
+    }
+}
+
+/// Properties of the keys built from what clients send: whatever names, tags and digests the
+/// parsers accept, every key stays under its prefix, has no `.`, `..` or empty segment, stays
+/// under the store folder as a path, and parses back to what it was built from.
+#[cfg(test)]
+mod properties {
+    use std::path::Component;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::oci::digest::arbitrary::digest_string;
+    use crate::oci::name::arbitrary::{grammar_name, grammar_tag, hostile};
+
+    /// Upstream names as the config admits them (`check_upstream_name`).
+    fn upstream_name() -> impl Strategy<Value = String> {
+        "[a-z0-9][a-z0-9.:-]{0,30}"
+    }
+
+    fn repo() -> impl Strategy<Value = RepoName> {
+        prop_oneof![grammar_name(), hostile()].prop_filter_map("not a name", |s| s.parse().ok())
+    }
+
+    fn tag_name() -> impl Strategy<Value = Tag> {
+        prop_oneof![grammar_tag(), hostile()].prop_filter_map("not a tag", |s| s.parse().ok())
+    }
+
+    /// `key` is `prefix` followed by plain segments, and joined to a store folder it names a
+    /// file inside that folder.
+    fn assert_contained(key: &str, prefix: &str) -> Result<(), TestCaseError> {
+        prop_assert!(key.starts_with(prefix), "{key:?} is not under {prefix:?}");
+        for seg in key.split('/') {
+            prop_assert!(!seg.is_empty() && seg != "." && seg != "..", "{key:?}");
+            prop_assert!(!seg.contains(['\\', '\0', '%']), "{key:?}");
+        }
+        let root = Path::new("/srv/entrepot");
+        let p = path(root, key);
+        prop_assert!(p.starts_with(root));
+        let rel = p.strip_prefix(root).unwrap();
+        prop_assert!(
+            rel.components().all(|c| matches!(c, Component::Normal(_))),
+            "{key:?}"
+        );
+        prop_assert_eq!(rel.components().count(), key.split('/').count());
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn tag_and_link_keys_stay_under_their_prefix_and_parse_back(
+            up in upstream_name(),
+            repo in repo(),
+            t in tag_name(),
+        ) {
+            let key = tag(&up, &repo, &t);
+            assert_contained(&key, TAGS)?;
+            prop_assert_eq!(parse_tag_key(&key), Some((up.clone(), repo.clone(), t)));
+            assert_contained(&links(&up, &repo), LINKS)?;
+        }
+
+        #[test]
+        fn referrer_keys_stay_under_their_prefix(
+            up in upstream_name(),
+            repo in repo(),
+            d in digest_string(),
+        ) {
+            let d: Digest = d.parse().unwrap();
+            assert_contained(&referrers(&up, &repo, &d), REFERRERS)?;
+        }
+
+        /// No key is the folder of another: a file never stands where a folder must be made
+        /// (or the other way round), whatever names, tags and digests are asked for.
+        #[test]
+        fn no_key_is_the_folder_of_another(
+            items in proptest::collection::vec(
+                prop_oneof![
+                    (upstream_name(), repo(), tag_name(), digest_string()),
+                    // Few letters, so names and tags often share their leading parts.
+                    (
+                        prop_oneof![Just("u".to_string()), Just("v".to_string())],
+                        proptest::collection::vec("[ab]{1,2}", 1..4)
+                            .prop_map(|c| c.join("/").parse::<RepoName>().unwrap()),
+                        "[ab_][ab_.-]{0,2}".prop_map(|t| t.parse::<Tag>().unwrap()),
+                        digest_string(),
+                    ),
+                ],
+                2..6,
+            ),
+        ) {
+            let mut keys = Vec::new();
+            for (up, repo, t, d) in &items {
+                let d: Digest = d.parse().unwrap();
+                keys.extend([
+                    blob(&d),
+                    manifest_type(&d),
+                    tag(up, repo, t),
+                    links(up, repo),
+                    referrers(up, repo, &d),
+                ]);
+            }
+            for a in &keys {
+                for b in &keys {
+                    prop_assert!(!b.starts_with(&format!("{a}/")), "{a:?} is a folder of {b:?}");
+                }
+            }
+        }
+
+        #[test]
+        fn digest_keys_stay_under_their_prefix_and_parse_back(d in digest_string()) {
+            let d: Digest = d.parse().unwrap();
+            assert_contained(&blob(&d), BLOBS)?;
+            assert_contained(&manifest_type(&d), MANIFESTS)?;
+            prop_assert_eq!(parse_digest_key(&blob(&d)), Some(d.clone()));
+            prop_assert_eq!(parse_digest_key(&manifest_type(&d)), Some(d));
+        }
+
+        /// Reading keys back never panics, and a key that parses is the one its parts build.
+        #[test]
+        fn a_key_that_parses_is_the_key_its_parts_build(
+            rest in prop_oneof![
+                hostile(),
+                (grammar_name(), grammar_tag()).prop_map(|(n, t)| format!("{n}/_tags/{t}")),
+            ],
+            up in prop_oneof![upstream_name(), hostile()],
+            digest_like in prop_oneof![hostile(), digest_string().prop_map(|d| d.replace(':', "/"))],
+        ) {
+            let key = format!("{TAGS}{up}/{rest}");
+            if let Some((u, r, t)) = parse_tag_key(&key) {
+                prop_assert_eq!(tag(&u, &r, &t), key);
+            }
+            for prefix in [BLOBS, MANIFESTS] {
+                let key = format!("{prefix}{digest_like}");
+                if let Some(d) = parse_digest_key(&key) {
+                    prop_assert!(key == blob(&d) || key == manifest_type(&d), "{key:?}");
+                }
+            }
+        }
     }
 }

@@ -10,11 +10,13 @@ mod generation;
 pub mod inventory;
 pub mod journal;
 pub mod layout;
+pub mod links;
 pub mod lock;
 pub mod manifests;
 mod mapped;
 pub mod pins;
 pub mod read;
+pub mod referrers;
 pub mod tags;
 mod tail;
 pub mod temp;
@@ -163,6 +165,10 @@ pub struct Store {
     /// Blobs recently seen in shared storage (for redirects), so a redirect costs no HEAD.
     shared_seen: moka::sync::Cache<Digest, ()>,
     pub tags: TagIndex,
+    /// What each upstream last said the referrers of a subject are.
+    pub referrers: referrers::Referrers,
+    /// Which (upstream, repository) may read which stored digest.
+    pub links: links::Links,
     pub usage: Arc<usage::Usage>,
     pub journal: Arc<journal::Journal>,
     /// Serialises read-modify-write of the pin list.
@@ -300,7 +306,9 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             tmp: layout::tmp_dir(root),
+            referrers: referrers::Referrers::new(meta.clone(), clock.clone()),
             tags: TagIndex::new(meta.clone(), clock, journal.clone()),
+            links: links::Links::new(meta.clone()),
             blobs,
             meta,
             local,

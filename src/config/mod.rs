@@ -13,6 +13,7 @@
 //! - `upstream`: `[[upstream]]`: credentials, `token_realms`, `allow`/`deny`, mirrors, the
 //!   built-in registries
 //! - `pins`: `[[pin]]` and `parse_image_ref`
+//! - `auth`: `[auth]` and `[[access]]`: the htpasswd file, the realm, the read rules
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+mod auth;
 mod cluster;
 mod pins;
 mod s3;
@@ -27,6 +29,10 @@ mod server;
 mod storage;
 mod upstream;
 
+#[cfg(test)]
+mod fuzz_tests;
+
+pub use auth::DEFAULT_REALM;
 pub use cluster::{member_url, ClusterConfig, Members};
 pub use pins::{parse_image_ref, PinConfig};
 pub use s3::S3Config;
@@ -34,6 +40,7 @@ pub use server::{ServerConfig, DEFAULT_LISTEN};
 pub use storage::{StorageBackend, StorageConfig, DEFAULT_ROOT};
 pub use upstream::{RepoGlobs, UpstreamConfig};
 
+use auth::{RawAccess, RawAuth};
 use cluster::RawCluster;
 use pins::RawPin;
 use server::RawServer;
@@ -50,6 +57,9 @@ pub struct Config {
     pub pins: Vec<PinConfig>,
     /// Several replicas forming one cache (`[cluster]`); `None` for a single process.
     pub cluster: Option<ClusterConfig>,
+    /// Client authentication and the read policy (`[auth]`, `[[access]]`); `None`: every read
+    /// is anonymous. Live: its users file is reloaded when it changes, shared by every clone.
+    pub auth: Option<crate::auth::Auth>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +94,9 @@ struct RawConfig {
     #[serde(default)]
     pin: Vec<RawPin>,
     cluster: Option<RawCluster>,
+    auth: Option<RawAuth>,
+    #[serde(default)]
+    access: Vec<RawAccess>,
 }
 
 /// Looks up an environment variable; tests pass their own instead of mutating the process's.
@@ -131,12 +144,14 @@ impl Config {
         let upstreams = upstream::validate_upstreams(raw.upstream, env)?;
         let pins = pins::validate_pins(raw.pin, &upstreams)?;
         let cluster = raw.cluster.map(cluster::validate_cluster).transpose()?;
+        let auth = auth::validate_auth(raw.auth, raw.access, &upstreams)?;
         Ok(Config {
             server,
             storage,
             upstreams,
             pins,
             cluster,
+            auth,
         })
     }
 }
@@ -203,15 +218,23 @@ fn parse_url(s: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// Longer than any timeout, interval or grace period means anything by: and short enough that
+/// adding it to the current time never overflows.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn opt_duration(key: &str, v: &Option<String>) -> Result<Option<Duration>, ConfigError> {
     v.as_deref()
         .map(|s| {
-            humantime::parse_duration(s).map_err(|e| {
+            let d = humantime::parse_duration(s).map_err(|e| {
                 invalid(
                     key,
                     format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}"),
                 )
-            })
+            })?;
+            if d > MAX_DURATION {
+                return Err(invalid(key, format!("{s:?} is longer than 10 years")));
+            }
+            Ok(d)
         })
         .transpose()
 }

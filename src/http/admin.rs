@@ -17,11 +17,21 @@ pub async fn serve(
     body: impl FnOnce() -> futures_util::future::BoxFuture<'static, Option<Bytes>>,
 ) -> Option<Response<Body>> {
     let head = method == Method::HEAD;
+    let read_only = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    if read_only && !matches!(*method, Method::GET | Method::HEAD) {
+        return Some(
+            crate::error::ApiError::MethodNotAllowed.into_response(crate::oci::Kind::Other, head),
+        );
+    }
     let (status, content_type, text) = match path {
-        "/pins" if method == Method::POST => {
-            let text = body().await.unwrap_or_default();
-            pins(state, &String::from_utf8_lossy(&text)).await
-        }
+        "/pins" if method == Method::POST => match body().await {
+            Some(text) => pins(state, &String::from_utf8_lossy(&text)).await,
+            None => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "text/plain",
+                "the pin list must be sent whole, at most 1 MiB\n".to_string(),
+            ),
+        },
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",

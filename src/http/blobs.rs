@@ -9,12 +9,13 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::access_log::Outcome;
 use super::body::{self, Body, BoxError};
-use super::{with_outcome, AppState, Ctx};
+use super::{scope, with_outcome, AppState, Ctx};
+use crate::cache::fill::Origin;
 use crate::cache::{read, BlobState, FillError, FillSource, Progress};
 use crate::cluster::Via;
 use crate::error::ApiError;
 use crate::oci::range::{RangeSpec, Resolved};
-use crate::oci::{Digest, Hasher};
+use crate::oci::{Digest, Hasher, Kind};
 use crate::upstream::UpstreamRequest;
 
 pub async fn serve(
@@ -31,6 +32,7 @@ pub async fn serve(
     // replica, which keeps a copy of what it is sent.
     if !ctx.head && ctx.peer.is_none() {
         if let Some(url) = state.store.redirect(&digest).await {
+            scope::check(state, ctx, &digest, Kind::Blob).await?;
             state.store.usage.touch(&digest);
             let r = Response::builder()
                 .status(StatusCode::TEMPORARY_REDIRECT)
@@ -54,18 +56,28 @@ pub async fn serve(
         .map_err(ApiError::internal)?;
     match found {
         BlobState::Hit { data } => {
+            scope::check(state, ctx, &digest, Kind::Blob).await?;
             state.store.usage.touch(&digest);
             let reading = state.store.usage.reading(&digest);
             let r = respond(&digest, data.len() as u64, range, ctx.head, |start, end| {
                 let slices = read::slices(data.slice(start as usize..end as usize));
                 // The guard lives as long as the body: the blob is not evicted under a reader.
-                body::stream(slices.inspect(move |_| {
-                    let _ = &reading;
-                }))
+                body::stream(in_use(slices, reading))
             })?;
             Ok(with_outcome(r, Outcome::Hit))
         }
         BlobState::Fill { fill, joined } => {
+            // A fill from this pair's upstream needs no confirmation; bytes that came through
+            // another pair, or from shared storage, do.
+            let src = fill.source();
+            let own = src.upstream.name() == ctx.upstream.name()
+                && src.repo == ctx.repo
+                && !matches!(fill.origin(), Origin::Shared { .. });
+            if !own {
+                scope::check(state, ctx, &digest, Kind::Blob).await?;
+            }
+            // Its file is being read: eviction leaves it alone (the fill may commit any moment).
+            let reading = state.store.usage.reading(&digest);
             let outcome = if joined {
                 Outcome::Joined
             } else {
@@ -84,7 +96,7 @@ pub async fn serve(
                             .header(header::CONTENT_TYPE, "application/octet-stream")
                             .header("Docker-Content-Digest", digest.to_string())
                             .header(header::ACCEPT_RANGES, "bytes")
-                            .body(body::stream(read::follow(fill, 0, None)))
+                            .body(body::stream(in_use(read::follow(fill, 0, None), reading)))
                             .expect("valid response");
                         return Ok(with_outcome(r, outcome));
                     }
@@ -98,7 +110,7 @@ pub async fn serve(
                 Progress::Connecting => unreachable!("started() waits past Connecting"),
             };
             let r = respond(&digest, size, range, ctx.head, |start, end| {
-                body::stream(read::follow(fill, start, Some(end)))
+                body::stream(in_use(read::follow(fill, start, Some(end)), reading))
             })?;
             Ok(with_outcome(r, outcome))
         }
@@ -106,6 +118,16 @@ pub async fn serve(
             head_upstream(ctx, ctx.via(state, &digest.to_string()), &digest, range).await
         }
     }
+}
+
+/// `stream`, holding `guard` for as long as the body is alive.
+fn in_use<S: futures_util::Stream + Send + 'static, G: Send + 'static>(
+    stream: S,
+    guard: G,
+) -> impl futures_util::Stream<Item = S::Item> + Send {
+    stream.inspect(move |_| {
+        let _ = &guard;
+    })
 }
 
 async fn fill_failed(ctx: &Ctx, digest: &Digest, e: FillError) -> Result<Response<Body>, ApiError> {

@@ -12,11 +12,11 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::access_log::Outcome;
 use super::body::{self, Body};
-use super::{with_outcome, AppState, Ctx};
+use super::{scope, with_outcome, AppState, Ctx};
 use crate::cache::{Store, StoredManifest, TagEntry};
 use crate::cluster::Via;
 use crate::error::ApiError;
-use crate::oci::{media, Digest, Hasher, Reference, RepoName, Tag};
+use crate::oci::{media, Digest, Hasher, Kind, Reference, RepoName, Tag};
 use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
 
 pub async fn serve(
@@ -36,6 +36,7 @@ async fn by_digest(
     digest: &Digest,
 ) -> Result<Response<Body>, ApiError> {
     if let Some(m) = stored(state, digest).await {
+        scope::check(state, ctx, digest, Kind::Manifest).await?;
         return Ok(with_outcome(manifest_response(&m, ctx.head), Outcome::Hit));
     }
     if ctx.head {
@@ -150,6 +151,10 @@ async fn tag_miss(state: &AppState, ctx: &Ctx, tag: &Tag) -> Result<Response<Bod
                 .await
             {
                 tracing::warn!(error = %e, "could not persist tag");
+            }
+            // The upstream named this manifest for this repository.
+            if let Err(e) = state.store.links.add(up, &ctx.repo, [d.clone()]).await {
+                tracing::warn!(error = %e, "could not link the manifest to its repository");
             }
             return Ok(with_outcome(
                 head_response(&d, &media_type, size),
@@ -382,6 +387,10 @@ async fn fetch_upstream(
         media_type,
         body,
     });
+    // The upstream served it for this repository.
+    if let Err(e) = store.links.add(up.name(), &repo, [m.digest.clone()]).await {
+        tracing::warn!(digest = %m.digest, error = %e, "could not link the manifest to its repository");
+    }
     if let Err(e) = store.put_manifest(m.clone()).await {
         crate::metrics::storage_error();
         tracing::error!(digest = %m.digest, error = %e, "could not store manifest; serving it uncached");

@@ -7,6 +7,7 @@ mod blobs;
 pub mod body;
 mod manifests;
 mod passthrough;
+mod scope;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -155,13 +156,17 @@ async fn route<B>(
     req: &Request<B>,
     info: &mut RequestInfo,
 ) -> Result<Response<Body>, ApiError> {
-    let route = Route::parse(req.uri().path())?;
-    info.kind = route.kind();
+    let parsed = Route::parse(req.uri().path());
+    if let Ok(r) = &parsed {
+        info.kind = r.kind();
+    }
+    // The method first: a push to a malformed path is still a push (405, body never read).
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return Err(ApiError::Unsupported(
             "entrepot is a pull-through cache: push and delete are not supported",
         ));
     }
+    let route = parsed?;
     let head = req.method() == Method::HEAD;
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let peer = match crate::cluster::check(
@@ -181,7 +186,16 @@ async fn route<B>(
     };
     let name = match &route {
         Route::Base => {
+            // A replica's probe is answered whatever the policy; a client's may be asked for
+            // credentials, or told on the 200 that some may help (auth::Auth::check_base).
+            let challenge = match (&peer, &state.config.auth) {
+                (None, Some(auth)) => auth.check_base(req.headers(), req.extensions()).await?,
+                _ => None,
+            };
             let mut r = json_response(StatusCode::OK, "{}", head);
+            if let Some(c) = challenge {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+            }
             r.extensions_mut().insert(Outcome::Hit);
             // A replica's probe learns who answers.
             if let (Some(_), Some(c)) = (&peer, &state.cluster) {
@@ -228,6 +242,18 @@ async fn route<B>(
         Route::Blob { digest, .. } | Route::Referrers { digest, .. } => Some(digest.to_string()),
         _ => None,
     };
+    // Who may read what: before any handler or cache (a hit is still a read), after `info` is
+    // filled (the access log names what was refused). A peer's request was checked by the
+    // replica the client reached.
+    if let (None, Some(auth)) = (&peer, &state.config.auth) {
+        auth.check_read(
+            req.headers(),
+            req.extensions(),
+            upstream.name(),
+            repo.as_str(),
+        )
+        .await?;
+    }
     // The client's own credentials are for this proxy (docker sends its Docker Hub login to
     // mirrors): they stop here, so no handler can forward, log or echo them.
     let mut headers = req.headers().clone();
@@ -247,7 +273,7 @@ async fn route<B>(
         Route::Blob { digest, .. } => blobs::serve(state, &ctx, digest).await?,
         Route::Manifest { reference, .. } => manifests::serve(state, &ctx, reference).await?,
         Route::TagsList { .. } => passthrough::tags_list(&ctx).await?,
-        Route::Referrers { digest, .. } => passthrough::referrers(&ctx, &digest).await?,
+        Route::Referrers { digest, .. } => passthrough::referrers(state, &ctx, &digest).await?,
         _ => unreachable!("handled above"),
     };
     if let Some(ns) = ns.and_then(|n| HeaderValue::from_str(&n).ok()) {
@@ -263,9 +289,19 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use http_body_util::BodyExt;
+    const LIMIT: usize = 1 << 20;
     Box::pin(async move {
-        let limited = http_body_util::Limited::new(body, 1 << 20);
-        limited.collect().await.ok().map(|c| c.to_bytes())
+        // Announced too large: refused without waiting for a byte of it.
+        if body.size_hint().lower() > LIMIT as u64 {
+            return None;
+        }
+        // A client that announces a body and never sends it does not hold its connection.
+        let limited = http_body_util::Limited::new(body, LIMIT);
+        tokio::time::timeout(std::time::Duration::from_secs(10), limited.collect())
+            .await
+            .ok()?
+            .ok()
+            .map(|c| c.to_bytes())
     })
 }
 

@@ -1,17 +1,38 @@
-//! Endpoints forwarded to the upstream and not cached: `tags/list` (with its `Link` rewritten to
-//! point at the proxy) and `referrers/<digest>`.
+//! The listings: `tags/list`, forwarded to the upstream and not cached (with its `Link`
+//! rewritten to point at the proxy), and `referrers/<digest>`, cached per (upstream, repository,
+//! subject) like a tag: answered from the store within the upstream's `tag_ttl`, refetched
+//! after it, the last answer served when the upstream is unavailable or entrepot is offline.
+//!
+//! # Referrers
+//!
+//! The stored answer is the upstream's whole, unfiltered index (its pages joined when it pages),
+//! kept as a manifest: served byte for byte, and `?artifactType=` filters are applied here to
+//! that one copy (with `OCI-Filters-Applied: artifactType`), never forwarded. An upstream
+//! without the referrers API answers 404; that is passed on (and remembered for the TTL), so
+//! clients fall back to the `sha256-<hex>` tag schema themselves, as the distribution spec
+//! says they must. With nothing recorded for a subject:
+//! - upstream unavailable or entrepot offline: a stored `sha256-<hex>` tag-schema index (an
+//!   import brings one, see `tools::bundle`) answers, since the spec says it holds what the
+//!   referrers API would;
+//! - else, offline: a valid empty index. A registry with the referrers API must not answer
+//!   404, and "no referrers are known here" is what an empty list says; a 404 would also send
+//!   clients to a tag schema that, with nothing stored, is not there either.
 
-use bytes::BytesMut;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::{header, HeaderMap, HeaderValue, Method, Response};
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use super::access_log::Outcome;
 use super::body::{self, Body};
-use super::{with_outcome, Ctx};
+use super::{with_outcome, AppState, Ctx};
+use crate::cache::referrers::{self, ReferrersAnswer, ReferrersEntry};
+use crate::cache::StoredManifest;
 use crate::error::ApiError;
-use crate::oci::Digest;
-use crate::upstream::{UpstreamErrorKind, UpstreamRequest};
+use crate::oci::{media, Digest};
+use crate::upstream::{UpstreamError, UpstreamErrorKind, UpstreamRequest};
 
 /// Tag lists and referrer indexes are small JSON documents; this bounds what is buffered.
 const MAX_LISTING: usize = 16 << 20;
@@ -130,12 +151,322 @@ fn own_link(ctx: &Ctx, n: usize, last: &str) -> String {
     )
 }
 
-pub async fn referrers(ctx: &Ctx, digest: &Digest) -> Result<Response<Body>, ApiError> {
-    let query = forward_query(ctx, &["artifactType"]);
-    forward(ctx, format!("referrers/{digest}"), query, |name, value| {
-        (name == "oci-filters-applied").then(|| value.clone())
+/// Pages of one referrers list followed before giving up on an upstream.
+const MAX_REFERRER_PAGES: usize = 64;
+
+/// What offline entrepot answers for a subject it knows nothing about.
+const EMPTY_INDEX: &str =
+    r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+
+/// What is known of a subject's referrers, ready to serve.
+enum Known {
+    Index(Arc<StoredManifest>),
+    /// The upstream has no referrers API (it said 404).
+    Unsupported,
+}
+
+/// `referrers/<subject>`: see the module's notes.
+pub async fn referrers(
+    state: &AppState,
+    ctx: &Ctx,
+    subject: &Digest,
+) -> Result<Response<Body>, ApiError> {
+    let filter = artifact_types(ctx);
+    let offline = ctx.upstream.offline();
+    let stored = last_known(state, ctx, subject).await;
+    if let Some((known, entry)) = &stored {
+        let ttl = ctx.upstream.config().tag_ttl;
+        if offline || state.store.referrers.is_fresh(entry, ttl) {
+            return answer(ctx, known, &filter, Outcome::Hit);
+        }
+    }
+    if offline {
+        return match tag_schema_index(state, ctx, subject).await {
+            Some(m) => answer(ctx, &Known::Index(m), &filter, Outcome::Hit),
+            None => Ok(index_response(
+                ctx,
+                Bytes::from_static(EMPTY_INDEX.as_bytes()),
+                !filter.is_empty(),
+                Outcome::Miss,
+            )),
+        };
+    }
+    let before = stored.as_ref().map(|(_, e)| e.answer.clone());
+    match refresh(state, ctx, subject, before).await {
+        Ok((known, outcome)) => answer(ctx, &known, &filter, outcome),
+        Err(e) if e.kind.is_unavailable() => {
+            let last = match stored {
+                Some((known, _)) => Some(known),
+                None => tag_schema_index(state, ctx, subject)
+                    .await
+                    .map(Known::Index),
+            };
+            match last {
+                Some(known) => {
+                    tracing::warn!(upstream = %ctx.upstream.name(), repository = %ctx.repo, subject = %subject, error = %e, "serving the last known referrers");
+                    answer(ctx, &known, &filter, Outcome::Stale)
+                }
+                None => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The `artifactType` values the client filters on (any of them matches). A `+` left unescaped
+/// (`application/spdx+json`) decodes as a space, which no media type holds: it is read back
+/// as the `+` it was.
+fn artifact_types(ctx: &Ctx) -> Vec<String> {
+    let Some(q) = ctx.query.as_deref() else {
+        return Vec::new();
+    };
+    url::form_urlencoded::parse(q.as_bytes())
+        .filter(|(k, v)| k == "artifactType" && !v.is_empty())
+        .map(|(_, v)| v.replace(' ', "+"))
+        .collect()
+}
+
+/// The recorded answer for `subject`, with its index read from the store. A record whose index
+/// is gone (evicted) counts as none.
+async fn last_known(
+    state: &AppState,
+    ctx: &Ctx,
+    subject: &Digest,
+) -> Option<(Known, ReferrersEntry)> {
+    let entry = state
+        .store
+        .referrers
+        .get(ctx.upstream.name(), &ctx.repo, subject)
+        .await?;
+    let known = match &entry.answer {
+        ReferrersAnswer::Unsupported => Known::Unsupported,
+        ReferrersAnswer::Index(d) => match state.store.manifest(d).await {
+            Ok(Some(m)) => {
+                state.store.usage.touch(d);
+                Known::Index(m)
+            }
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "could not read a stored referrers index");
+                return None;
+            }
+        },
+    };
+    Some((known, entry))
+}
+
+/// The stored index tagged with the referrers tag schema (`sha256-<hex>`), if any.
+async fn tag_schema_index(
+    state: &AppState,
+    ctx: &Ctx,
+    subject: &Digest,
+) -> Option<Arc<StoredManifest>> {
+    let tag = referrers::tag_schema(subject);
+    let entry = state
+        .store
+        .tags
+        .get(ctx.upstream.name(), &ctx.repo, &tag)
+        .await?;
+    let m = state.store.manifest(&entry.digest).await.ok()??;
+    (m.media_type == media::OCI_INDEX).then(|| {
+        state.store.usage.touch(&m.digest);
+        m
     })
-    .await
+}
+
+/// Asks the upstream (one request per subject at a time; a request that waited for another's
+/// refresh takes its answer) and records what it says. `before` is what was recorded.
+async fn refresh(
+    state: &AppState,
+    ctx: &Ctx,
+    subject: &Digest,
+    before: Option<ReferrersAnswer>,
+) -> Result<(Known, Outcome), UpstreamError> {
+    let index = &state.store.referrers;
+    let up = ctx.upstream.name();
+    let _turn = index.refresh_turn(up, &ctx.repo, subject).await;
+    if let Some((known, entry)) = last_known(state, ctx, subject).await {
+        if index.is_fresh(&entry, ctx.upstream.config().tag_ttl) {
+            return Ok((known, Outcome::Joined));
+        }
+    }
+    let (known, answer) = match fetch_index(state, ctx, subject).await {
+        Ok(body) => {
+            let m = Arc::new(StoredManifest {
+                digest: Digest::sha256_of(&body),
+                media_type: media::OCI_INDEX.to_string(),
+                body,
+            });
+            if let Err(e) = state.store.put_manifest(m.clone()).await {
+                crate::metrics::storage_error();
+                tracing::error!(digest = %m.digest, error = %e, "could not store a referrers index; serving it uncached");
+                return Ok((Known::Index(m), Outcome::Bypass));
+            }
+            let answer = ReferrersAnswer::Index(m.digest.clone());
+            (Known::Index(m), answer)
+        }
+        Err(e) if matches!(e.kind, UpstreamErrorKind::NotFound) => {
+            (Known::Unsupported, ReferrersAnswer::Unsupported)
+        }
+        Err(e) => return Err(e),
+    };
+    let outcome = if before.as_ref() == Some(&answer) {
+        Outcome::Revalidated
+    } else {
+        Outcome::Miss
+    };
+    if let Err(e) = index.put(up, &ctx.repo, subject, answer).await {
+        crate::metrics::storage_error();
+        tracing::warn!(error = %e, "could not persist a referrers record");
+    }
+    Ok((known, outcome))
+}
+
+/// The upstream's whole referrers list for `subject`, unfiltered: its bytes as sent when it
+/// fits one page, else its pages (followed by their `Link`) joined into one index.
+async fn fetch_index(
+    state: &AppState,
+    ctx: &Ctx,
+    subject: &Digest,
+) -> Result<Bytes, UpstreamError> {
+    let up = &ctx.upstream;
+    let via = ctx.via(
+        state,
+        &format!("{}/{}/referrers/{subject}", up.name(), ctx.repo),
+    );
+    let mut pages: Vec<Bytes> = Vec::new();
+    let mut total = 0;
+    let mut query = None;
+    loop {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static(media::OCI_INDEX));
+        let req = UpstreamRequest {
+            method: Method::GET,
+            repo: &ctx.repo,
+            path: format!("referrers/{subject}"),
+            query: query.take(),
+            headers,
+            streaming: false,
+        };
+        let resp = crate::cluster::ask(up, via.as_ref(), &req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(up.error(UpstreamErrorKind::Status(resp.status().as_u16())));
+        }
+        let next = next_page(resp.headers());
+        let mut stream = resp.bytes_stream();
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| up.error(up.transport_error(&e)))?;
+            total += chunk.len();
+            if total > MAX_LISTING {
+                return Err(up.error(UpstreamErrorKind::Protocol("listing too large")));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        pages.push(buf.freeze());
+        match next {
+            None => break,
+            Some(_) if pages.len() >= MAX_REFERRER_PAGES => {
+                return Err(up.error(UpstreamErrorKind::Protocol(
+                    "referrers list has too many pages",
+                )))
+            }
+            Some(q) => query = Some(q),
+        }
+    }
+    join_pages(pages).ok_or_else(|| {
+        up.error(UpstreamErrorKind::Protocol(
+            "referrers list is not an image index",
+        ))
+    })
+}
+
+/// The query of a `Link: <...?last=x>; rel="next"` header, to ask the same path with.
+fn next_page(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|link| link.contains("rel=\"next\"") || link.contains("rel=next"))
+        .find_map(|link| {
+            let start = link.find('<')?;
+            let end = start + link[start..].find('>')?;
+            let (_, query) = link[start + 1..end].split_once('?')?;
+            Some(query.to_string())
+        })
+}
+
+/// One index from the pages of a referrers list (a single page as it is), or `None` when a
+/// page is not an image index.
+fn join_pages(mut pages: Vec<Bytes>) -> Option<Bytes> {
+    type Index = serde_json::Map<String, serde_json::Value>;
+    let mut parsed = Vec::with_capacity(pages.len());
+    for page in &pages {
+        let v: Index = serde_json::from_slice(page).ok()?;
+        v.get("manifests")?.as_array()?;
+        parsed.push(v);
+    }
+    if pages.len() == 1 {
+        return pages.pop();
+    }
+    let mut all = Vec::new();
+    for v in &mut parsed {
+        if let Some(serde_json::Value::Array(list)) = v.remove("manifests") {
+            all.extend(list);
+        }
+    }
+    let mut first = parsed.into_iter().next()?;
+    first.insert("manifests".into(), serde_json::Value::Array(all));
+    serde_json::to_vec(&first).ok().map(Bytes::from)
+}
+
+/// `index` with only the descriptors whose `artifactType` is one of `types`.
+fn filter_index(index: &[u8], types: &[String]) -> Option<Bytes> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(index).ok()?;
+    if let Some(serde_json::Value::Array(list)) = v.get_mut("manifests") {
+        list.retain(|d| {
+            d.get("artifactType")
+                .and_then(|t| t.as_str())
+                .is_some_and(|t| types.iter().any(|w| w == t))
+        });
+    }
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+fn answer(
+    ctx: &Ctx,
+    known: &Known,
+    filter: &[String],
+    outcome: Outcome,
+) -> Result<Response<Body>, ApiError> {
+    let m = match known {
+        Known::Index(m) => m,
+        Known::Unsupported => return Err(ctx.upstream.error(UpstreamErrorKind::NotFound).into()),
+    };
+    if filter.is_empty() {
+        return Ok(index_response(ctx, m.body.clone(), false, outcome));
+    }
+    let body = filter_index(&m.body, filter).ok_or_else(|| {
+        ApiError::internal(format!("stored referrers index {} is not JSON", m.digest))
+    })?;
+    Ok(index_response(ctx, body, true, outcome))
+}
+
+fn index_response(ctx: &Ctx, index: Bytes, filtered: bool, outcome: Outcome) -> Response<Body> {
+    let mut b = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, media::OCI_INDEX)
+        .header(header::CONTENT_LENGTH, index.len());
+    if filtered {
+        b = b.header("OCI-Filters-Applied", "artifactType");
+    }
+    let body = if ctx.head {
+        body::empty()
+    } else {
+        body::full(index)
+    };
+    with_outcome(b.body(body).expect("valid response"), outcome)
 }
 
 /// Forwards GET/HEAD and copies the body, its type, and the headers `keep` returns a value for.
@@ -220,4 +551,52 @@ fn rewrite_link(ctx: &Ctx, value: &HeaderValue) -> Option<HeaderValue> {
         format!("</v2/{}/tags/list?{q}>{rest}", ctx.client_name)
     };
     HeaderValue::from_str(&link).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_page_is_the_query_of_the_link_marked_next() {
+        let mut h = HeaderMap::new();
+        assert_eq!(next_page(&h), None);
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static(
+                "<https://r.example/v2/a/referrers/sha256:x?n=1&last=y>; rel=\"prev\", </v2/a/referrers/sha256:x?n=1&last=z>; rel=\"next\"",
+            ),
+        );
+        assert_eq!(next_page(&h).as_deref(), Some("n=1&last=z"));
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static("</v2/a/referrers/sha256:x>; rel=next"),
+        );
+        assert_eq!(
+            next_page(&h),
+            None,
+            "a next page without a query cannot be asked for"
+        );
+    }
+
+    #[test]
+    fn one_page_is_kept_as_sent_and_pages_are_joined() {
+        let page = |d: &str| {
+            Bytes::from(format!(
+                r#"{{"schemaVersion":2,"manifests":[{{"digest":"{d}","artifactType":"t/{d}"}}]}}"#
+            ))
+        };
+        assert_eq!(join_pages(vec![page("a")]), Some(page("a")));
+        let joined = join_pages(vec![page("a"), page("b")]).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&joined).unwrap();
+        assert_eq!(v["manifests"][0]["digest"], "a");
+        assert_eq!(v["manifests"][1]["digest"], "b");
+        assert_eq!(join_pages(vec![Bytes::from_static(b"{}")]), None);
+        assert_eq!(join_pages(vec![page("a"), Bytes::from_static(b"[]")]), None);
+
+        let only_b = filter_index(&joined, &["t/b".to_string()]).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&only_b).unwrap();
+        assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
+        assert_eq!(v["manifests"][0]["digest"], "b");
+    }
 }

@@ -185,3 +185,108 @@ mod tests {
         assert_eq!(d.hex().len(), 128);
     }
 }
+
+/// Digests of either algorithm, as strings: the grammar's, for the property tests of the
+/// modules that take digests.
+#[cfg(test)]
+pub(crate) mod arbitrary {
+    use proptest::prelude::*;
+
+    pub fn digest_string() -> impl Strategy<Value = String> {
+        prop_oneof!["sha256:[0-9a-f]{64}", "sha512:[0-9a-f]{128}"]
+    }
+}
+
+/// Properties of the digest parser: no string panics it, what it accepts prints back as
+/// written, and its hex is lower case and as long as the algorithm's.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::arbitrary::digest_string;
+    use super::*;
+
+    /// Strings near the grammar: right and wrong algorithms, hex of every case and length,
+    /// path pieces, and any string.
+    fn near_digests() -> impl Strategy<Value = String> {
+        let alg = prop_oneof![
+            Just("sha256"),
+            Just("sha512"),
+            Just("SHA256"),
+            Just("sha384"),
+            Just("md5"),
+            Just(""),
+            Just("sha256+b64u"),
+        ];
+        let hex = prop_oneof![
+            "[0-9a-f]{64}",
+            "[0-9a-f]{128}",
+            "[0-9a-fA-F]{64}",
+            "[0-9a-f]{0,130}",
+            "[0-9a-z./:%]{0,70}",
+        ];
+        prop_oneof![
+            3 => (alg, hex).prop_map(|(a, h)| format!("{a}:{h}")),
+            1 => any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn an_accepted_digest_is_lower_case_hex_of_its_length_and_round_trips(
+            s in near_digests(),
+        ) {
+            if let Ok(d) = s.parse::<Digest>() {
+                prop_assert_eq!(d.to_string(), s.clone());
+                prop_assert_eq!(d.to_string().parse::<Digest>(), Ok(d.clone()));
+                prop_assert_eq!(d.hex().len(), d.algorithm().hex_len());
+                prop_assert!(d.hex().bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+                prop_assert!(matches!(d.algorithm().as_str(), "sha256" | "sha512"));
+            }
+        }
+
+        #[test]
+        fn every_digest_of_the_grammar_is_accepted(s in digest_string()) {
+            let d: Digest = s.parse().unwrap();
+            prop_assert_eq!(d.to_string(), s);
+        }
+
+        /// One upper-case hex digit, or one digit too few or too many, and it is refused.
+        #[test]
+        fn upper_case_or_a_wrong_length_is_refused(s in digest_string(), at in any::<usize>()) {
+            let colon = s.find(':').unwrap();
+            let i = colon + 1 + at % (s.len() - colon - 1);
+            let mut upper = s.clone().into_bytes();
+            upper[i] = b'A';
+            let upper = String::from_utf8(upper).unwrap();
+            prop_assert!(
+                matches!(upper.parse::<Digest>(), Err(DigestError::BadHex { .. })),
+                "{upper}"
+            );
+            let short = &s[..s.len() - 1];
+            prop_assert!(
+                matches!(short.parse::<Digest>(), Err(DigestError::BadHex { .. })),
+                "{short}"
+            );
+            let long = format!("{s}0");
+            prop_assert!(
+                matches!(long.parse::<Digest>(), Err(DigestError::BadHex { .. })),
+                "{long}"
+            );
+        }
+
+        /// What the hasher computes is a digest the parser accepts as itself.
+        #[test]
+        fn computed_digests_round_trip(
+            data in proptest::collection::vec(any::<u8>(), 0..256),
+            sha512 in any::<bool>(),
+        ) {
+            let alg = if sha512 { Algorithm::Sha512 } else { Algorithm::Sha256 };
+            let d = Digest::of(alg, &data);
+            prop_assert_eq!(d.to_string().parse::<Digest>(), Ok(d.clone()));
+            prop_assert_eq!(d.hex().len(), alg.hex_len());
+        }
+    }
+}

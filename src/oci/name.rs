@@ -233,3 +233,177 @@ mod tests {
         assert_eq!(n.with_library_prefix().as_str(), "bitnami/redis");
     }
 }
+
+/// Strategies for the grammar of names and tags, and for the hostile strings a client may put
+/// where one goes; shared by the property tests of the modules that take names.
+#[cfg(test)]
+pub(crate) mod arbitrary {
+    use proptest::prelude::*;
+
+    /// One component of the grammar, `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`, bounded.
+    pub fn component() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-z0-9]{1,8}((\\.|_|__|-{1,3})[a-z0-9]{1,8}){0,3}",
+            1 => "[a-z0-9]{1,80}",
+        ]
+    }
+
+    /// A name of the grammar: 1 to 6 components. Some are longer than `MAX_NAME_LEN`.
+    pub fn grammar_name() -> impl Strategy<Value = String> {
+        proptest::collection::vec(component(), 1..7).prop_map(|c| c.join("/"))
+    }
+
+    /// A tag of the grammar, `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
+    pub fn grammar_tag() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}"
+    }
+
+    /// Strings built to sit near the grammar's edges: path pieces that escape (`..`, `.`,
+    /// empty components, percent-encodings, backslashes, NUL), upper case, separators in the
+    /// wrong places, and any string at all.
+    pub fn hostile() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            4 => component(),
+            1 => Just(String::new()),
+            1 => Just(".".to_string()),
+            1 => Just("..".to_string()),
+            1 => Just("%2e%2e".to_string()),
+            1 => Just("..%2f".to_string()),
+            1 => Just("a%2fb".to_string()),
+            1 => Just("_tags".to_string()),
+            1 => Just("a\\..\\b".to_string()),
+            1 => Just("a\0b".to_string()),
+            1 => Just("A".to_string()),
+            1 => Just("a.-b".to_string()),
+            1 => Just("a___b".to_string()),
+            1 => Just("-a".to_string()),
+            1 => Just("a-".to_string()),
+            1 => Just("é".to_string()),
+            1 => "[a-zA-Z0-9._%:@ -]{0,6}",
+        ];
+        prop_oneof![
+            3 => proptest::collection::vec(piece, 0..8).prop_map(|p| p.join("/")),
+            1 => "[a-z0-9./_\\-%:\\\\]{0,40}",
+            1 => any::<String>(),
+        ]
+    }
+}
+
+/// Properties of the parsers: no string panics them, and what they accept can be used as a
+/// relative path under the store and prints back as it was written.
+#[cfg(test)]
+mod properties {
+    use std::path::{Component, Path};
+
+    use proptest::prelude::*;
+
+    use super::arbitrary::{grammar_name, grammar_tag, hostile};
+    use super::*;
+
+    /// What every accepted name must be: short enough, and made only of components that are
+    /// plain file names (no `.`, `..`, empty, separator or escape of any kind).
+    fn assert_safe_name(n: &RepoName) -> Result<(), TestCaseError> {
+        let s = n.as_str();
+        prop_assert!(s.len() <= MAX_NAME_LEN, "{s:?} is too long");
+        let mut count = 0;
+        for c in n.components() {
+            count += 1;
+            prop_assert!(c != "." && c != ".." && !c.is_empty(), "{s:?}");
+            prop_assert!(
+                c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)),
+                "{s:?} has a byte outside [a-z0-9._-]"
+            );
+            let (first, last) = (c.as_bytes()[0], c.as_bytes()[c.len() - 1]);
+            prop_assert!(first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric());
+        }
+        let path = Path::new(s);
+        prop_assert!(path.is_relative());
+        prop_assert!(path.components().all(|c| matches!(c, Component::Normal(_))));
+        prop_assert_eq!(path.components().count(), count);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn no_string_panics_the_name_tag_and_reference_parsers(s in hostile()) {
+            let _ = s.parse::<RepoName>();
+            let _ = s.parse::<Tag>();
+            let _ = s.parse::<Reference>();
+        }
+
+        /// Whatever is accepted, from any string, is a safe relative path and prints back as
+        /// it was written.
+        #[test]
+        fn an_accepted_name_is_a_safe_relative_path_that_round_trips(s in hostile()) {
+            if let Ok(n) = s.parse::<RepoName>() {
+                assert_safe_name(&n)?;
+                prop_assert_eq!(n.as_str(), s.as_str());
+                prop_assert_eq!(n.to_string().parse::<RepoName>(), Ok(n));
+            }
+        }
+
+        /// The grammar is accepted whole (up to the length limit), and nothing is rewritten.
+        #[test]
+        fn every_name_of_the_grammar_is_accepted_up_to_the_length_limit(s in grammar_name()) {
+            match s.parse::<RepoName>() {
+                Ok(n) => {
+                    prop_assert!(s.len() <= MAX_NAME_LEN);
+                    prop_assert_eq!(n.to_string(), s);
+                    assert_safe_name(&n)?;
+                }
+                Err(e) => {
+                    prop_assert!(s.len() > MAX_NAME_LEN, "{s:?} refused: {e}");
+                    prop_assert_eq!(e, NameError::TooLong);
+                }
+            }
+        }
+
+        /// Names derived from an accepted one (the upstream's name without the first
+        /// component, Docker Hub's `library/`) are made of the same safe components.
+        #[test]
+        fn names_derived_from_an_accepted_name_stay_safe(s in grammar_name()) {
+            let Ok(n) = s.parse::<RepoName>() else { return Ok(()) };
+            if let Some((first, rest)) = n.strip_first() {
+                prop_assert_eq!(format!("{first}/{rest}"), s.clone());
+                prop_assert_eq!(rest.as_str().parse::<RepoName>(), Ok(rest.clone()));
+                assert_safe_name(&rest)?;
+            }
+            let prefixed = n.with_library_prefix();
+            prop_assert!(prefixed.components().all(valid_component));
+            prop_assert!(prefixed.as_str().ends_with(n.as_str()));
+        }
+
+        /// An accepted tag is one plain file name that prints back as written.
+        #[test]
+        fn an_accepted_tag_is_one_plain_file_name(s in prop_oneof![hostile(), grammar_tag()]) {
+            if let Ok(t) = s.parse::<Tag>() {
+                prop_assert_eq!(t.as_str(), s.as_str());
+                prop_assert!(!t.as_str().starts_with('.') && !t.as_str().contains('/'));
+                prop_assert!(t.as_str().len() <= 128);
+                let path = Path::new(t.as_str());
+                prop_assert_eq!(path.components().count(), 1);
+                prop_assert!(matches!(path.components().next(), Some(Component::Normal(_))));
+            }
+        }
+
+        #[test]
+        fn every_tag_of_the_grammar_is_accepted(s in grammar_tag()) {
+            prop_assert_eq!(s.parse::<Tag>().map(|t| t.to_string()), Ok(s.clone()));
+            prop_assert!(matches!(s.parse::<Reference>(), Ok(Reference::Tag(_))));
+        }
+
+        /// A reference is a digest exactly when it has a `:`; either kind prints back as
+        /// written.
+        #[test]
+        fn a_reference_round_trips_and_is_a_digest_iff_it_has_a_colon(s in hostile()) {
+            if let Ok(r) = s.parse::<Reference>() {
+                prop_assert_eq!(matches!(r, Reference::Digest(_)), s.contains(':'));
+                prop_assert_eq!(r.to_string(), s.clone());
+                prop_assert_eq!(r.to_string().parse::<Reference>(), Ok(r));
+            }
+        }
+    }
+}

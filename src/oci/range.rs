@@ -112,3 +112,137 @@ mod tests {
         assert_eq!(r("bytes=0-", 0), Resolved::Unsatisfiable);
     }
 }
+
+/// Properties of `Range` handling: no header value panics the parser, and a resolved range is
+/// always inside the blob or unsatisfiable, never past its end or empty.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Numbers at the edges: zero, small, near the blob sizes used, and near `u64::MAX`.
+    fn number() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            0u64..100,
+            any::<u64>(),
+            (u64::MAX - 2)..=u64::MAX,
+        ]
+    }
+
+    /// Header values near the grammar: `bytes=` with numbers (some beyond u64), whitespace,
+    /// signs, lists, other units, and any string.
+    fn near_ranges() -> impl Strategy<Value = String> {
+        let num = prop_oneof![
+            number().prop_map(|n| n.to_string()),
+            Just(String::new()),
+            Just("18446744073709551616".to_string()),
+            Just("+1".to_string()),
+            Just("-1".to_string()),
+            Just(" 7 ".to_string()),
+            "[0-9a-f ]{0,4}",
+        ];
+        let unit = prop_oneof![
+            Just("bytes="),
+            Just("Bytes="),
+            Just("items="),
+            Just(" bytes= ")
+        ];
+        prop_oneof![
+            3 => (unit, num.clone(), num.clone()).prop_map(|(u, a, b)| format!("{u}{a}-{b}")),
+            1 => (num.clone(), num).prop_map(|(a, b)| format!("bytes={a}-{b},0-1")),
+            1 => "[bytes=0-9, -]{0,20}",
+            1 => any::<String>(),
+        ]
+    }
+
+    fn check_resolved(spec: RangeSpec, size: u64) -> Result<(), TestCaseError> {
+        match spec.resolve(size) {
+            Resolved::Partial { start, end } => {
+                prop_assert!(
+                    start < end && end <= size,
+                    "{spec:?} of {size}: {start}..{end}"
+                );
+                // Exactly the bytes asked for, cut at the end of the blob.
+                match spec {
+                    RangeSpec::From { start: s, end: e } => {
+                        prop_assert_eq!(start, s);
+                        prop_assert_eq!(end, e.map_or(size, |e| e.saturating_add(1).min(size)));
+                    }
+                    RangeSpec::Suffix(n) => {
+                        prop_assert_eq!(end, size);
+                        prop_assert_eq!(end - start, n.min(size));
+                    }
+                }
+            }
+            // Unsatisfiable only when no byte of the blob is asked for.
+            Resolved::Unsatisfiable => match spec {
+                RangeSpec::From { start, .. } => prop_assert!(start >= size),
+                RangeSpec::Suffix(n) => prop_assert!(n == 0 || size == 0),
+            },
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_header_resolves_inside_the_blob_or_is_unsatisfiable(
+            value in near_ranges(),
+            size in number(),
+        ) {
+            if let Some(spec) = RangeSpec::parse(&value) {
+                check_resolved(spec, size)?;
+            }
+        }
+
+        /// Every spec `parse` can return (`From` never ends before it starts).
+        #[test]
+        fn any_spec_resolves_inside_the_blob_or_is_unsatisfiable(
+            a in number(),
+            b in proptest::option::of(number()),
+            suffix in any::<bool>(),
+            size in number(),
+        ) {
+            let spec = if suffix {
+                RangeSpec::Suffix(a)
+            } else {
+                RangeSpec::From { start: a, end: b.map(|b| b.max(a)) }
+            };
+            check_resolved(spec, size)?;
+        }
+
+        /// `bytes=a-b`, `bytes=a-` and `bytes=-n` parse to what they say and print back as
+        /// written; `a > b` is ignored.
+        #[test]
+        fn well_formed_ranges_round_trip(a in number(), b in number()) {
+            let v = format!("bytes={a}-{b}");
+            if a <= b {
+                let spec = RangeSpec::parse(&v);
+                prop_assert_eq!(spec, Some(RangeSpec::From { start: a, end: Some(b) }));
+                prop_assert_eq!(print(spec.unwrap()), v);
+            } else {
+                prop_assert_eq!(RangeSpec::parse(&v), None);
+            }
+            let open = format!("bytes={a}-");
+            prop_assert_eq!(RangeSpec::parse(&open), Some(RangeSpec::From { start: a, end: None }));
+            prop_assert_eq!(print(RangeSpec::parse(&open).unwrap()), open);
+            let suffix = format!("bytes=-{b}");
+            prop_assert_eq!(RangeSpec::parse(&suffix), Some(RangeSpec::Suffix(b)));
+            prop_assert_eq!(print(RangeSpec::Suffix(b)), suffix);
+        }
+    }
+
+    fn print(spec: RangeSpec) -> String {
+        match spec {
+            RangeSpec::From {
+                start,
+                end: Some(e),
+            } => format!("bytes={start}-{e}"),
+            RangeSpec::From { start, end: None } => format!("bytes={start}-"),
+            RangeSpec::Suffix(n) => format!("bytes=-{n}"),
+        }
+    }
+}

@@ -200,3 +200,115 @@ mod tests {
         ));
     }
 }
+
+/// Properties of the path parser: no path panics it, a route it returns prints back to a path
+/// that parses to the same route, and every name it accepts is safe under the store.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::oci::digest::arbitrary::digest_string;
+    use crate::oci::name::arbitrary::{grammar_name, grammar_tag, hostile};
+
+    /// The path a route is asked for by (`Upload` has many; it has none here).
+    fn path_of(r: &Route) -> Option<String> {
+        Some(match r {
+            Route::Base => "/v2/".to_string(),
+            Route::Catalog => "/v2/_catalog".to_string(),
+            Route::Manifest { name, reference } => format!("/v2/{name}/manifests/{reference}"),
+            Route::Blob { name, digest } => format!("/v2/{name}/blobs/{digest}"),
+            Route::TagsList { name } => format!("/v2/{name}/tags/list"),
+            Route::Referrers { name, digest } => format!("/v2/{name}/referrers/{digest}"),
+            Route::Upload => return None,
+        })
+    }
+
+    /// Paths built from the pieces the parser looks for, in any order, among hostile ones.
+    fn api_paths() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            3 => hostile(),
+            2 => grammar_name(),
+            1 => grammar_tag(),
+            1 => digest_string(),
+            1 => Just("manifests".to_string()),
+            1 => Just("blobs".to_string()),
+            1 => Just("uploads".to_string()),
+            1 => Just("tags".to_string()),
+            1 => Just("list".to_string()),
+            1 => Just("referrers".to_string()),
+            1 => Just("_catalog".to_string()),
+        ];
+        let prefix = prop_oneof![
+            6 => Just("/v2/"),
+            1 => Just("/v2"),
+            1 => Just("/v1/"),
+            1 => Just("/"),
+            1 => Just(""),
+        ];
+        prop_oneof![
+            4 => (prefix, proptest::collection::vec(piece, 0..6))
+                .prop_map(|(p, pieces)| format!("{p}{}", pieces.join("/"))),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// Well-formed paths of every route with a name.
+    fn well_formed() -> impl Strategy<Value = (String, String, String)> {
+        let kind = prop_oneof![
+            Just("manifests"),
+            Just("blobs"),
+            Just("referrers"),
+            Just("tags"),
+        ];
+        (kind, grammar_name(), grammar_tag(), digest_string()).prop_map(|(k, n, t, d)| {
+            let reference = match k {
+                "manifests" if t.len() % 2 == 0 => t,
+                "tags" => "list".to_string(),
+                _ => d,
+            };
+            (k.to_string(), n, reference)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// No path panics the parser; whatever it accepts prints back to a path that parses to
+        /// the same route, and its name is one `RepoName` accepts on its own.
+        #[test]
+        fn an_accepted_route_round_trips_through_its_path(path in api_paths()) {
+            let Ok(route) = Route::parse(&path) else { return Ok(()) };
+            if let Some(name) = route.name() {
+                prop_assert_eq!(name.to_string().parse::<RepoName>(), Ok(name.clone()));
+                prop_assert!(name.components().all(|c| c != ".." && c != "." && !c.is_empty()));
+                prop_assert!(!name.as_str().contains(['%', '\\', '\0']));
+            }
+            if let Some(again) = path_of(&route) {
+                prop_assert_eq!(Route::parse(&again), Ok(route), "{} printed as {}", path, again);
+            }
+        }
+
+        /// Every well-formed path of a named route parses to that route, with the name and
+        /// reference exactly as written (names over the length limit are refused as such).
+        #[test]
+        fn well_formed_paths_parse_to_their_route((kind, name, reference) in well_formed()) {
+            let path = format!("/v2/{name}/{kind}/{reference}");
+            let parsed = Route::parse(&path);
+            if name.len() > crate::oci::name::MAX_NAME_LEN {
+                prop_assert_eq!(parsed, Err(RouteError::Name(NameError::TooLong)));
+                return Ok(());
+            }
+            let route = parsed.unwrap();
+            prop_assert_eq!(route.name().map(RepoName::as_str), Some(name.as_str()));
+            let want = match kind.as_str() {
+                "manifests" => Kind::Manifest,
+                "blobs" => Kind::Blob,
+                "referrers" => Kind::Referrers,
+                _ => Kind::TagsList,
+            };
+            prop_assert_eq!(route.kind(), want);
+            prop_assert_eq!(path_of(&route), Some(path));
+        }
+    }
+}

@@ -64,6 +64,8 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
         if chars.next() != Some('=') {
             continue;
         }
+        // RFC 9110 allows whitespace around `=`.
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut val = String::new();
         if chars.peek() == Some(&'"') {
             chars.next();
@@ -453,5 +455,169 @@ mod tests {
         assert!(s.cached_token("o", "other", now).is_none());
         tokio::time::advance(Duration::from_secs(55)).await;
         assert!(s.cached_token("o", "s", Instant::now()).is_none());
+    }
+}
+
+/// Properties of the `WWW-Authenticate` parser, which reads what any upstream (or anything
+/// answering in its place) sends: no value panics it, and a well-formed challenge gives back
+/// exactly its realm, service and scope, whatever their order, case, quoting and escapes.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A parameter value: anything, including quotes, backslashes, commas and `=`.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            2 => "[a-zA-Z0-9:/._-]{0,30}",
+            2 => "[a-z:/.,=\"\\\\ ]{0,20}",
+            1 => any::<String>(),
+        ]
+    }
+
+    /// How a value is written: a quoted string with `"` and `\` escaped, or, when it is a
+    /// plain token, possibly bare.
+    fn written(v: &str, bare: bool) -> String {
+        let token = !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-:/".contains(&b));
+        if bare && token {
+            v.to_string()
+        } else {
+            format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+        }
+    }
+
+    /// Upper, lower or mixed case, as the scheme and the parameter names may be written.
+    fn cased(s: &str, how: u8) -> String {
+        match how % 3 {
+            0 => s.to_string(),
+            1 => s.to_ascii_uppercase(),
+            _ => s
+                .chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i % 2 == 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// A well-formed Bearer challenge: its parameters in any order among others, and the
+    /// values it must give back.
+    #[derive(Debug, Clone)]
+    struct Written {
+        header: String,
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    }
+
+    fn bearer_challenges(space_around_equals: bool) -> impl Strategy<Value = Written> {
+        (
+            value(),
+            proptest::option::of(value()),
+            proptest::option::of(value()),
+            proptest::collection::vec(any::<u8>(), 8),
+            any::<u64>(),
+        )
+            .prop_map(move |(realm, service, scope, how, order)| {
+                let eq = if space_around_equals { " = " } else { "=" };
+                let mut params = vec![format!(
+                    "{}{eq}{}",
+                    cased("realm", how[0]),
+                    written(&realm, how[1] % 2 == 0)
+                )];
+                if let Some(s) = &service {
+                    params.push(format!(
+                        "{}{eq}{}",
+                        cased("service", how[2]),
+                        written(s, how[3] % 2 == 0)
+                    ));
+                }
+                if let Some(s) = &scope {
+                    params.push(format!(
+                        "{}{eq}{}",
+                        cased("scope", how[4]),
+                        written(s, how[5] % 2 == 0)
+                    ));
+                }
+                if how[6] % 2 == 0 {
+                    params.push(format!("error{eq}\"insufficient_scope\""));
+                }
+                // Any order: rotate and maybe reverse.
+                let len = params.len();
+                params.rotate_left(order as usize % len);
+                if order & (1 << 40) != 0 {
+                    params.reverse();
+                }
+                let sep = [",", ", ", " ,  "][how[7] as usize % 3];
+                let header = format!(
+                    "{}{} {}{}",
+                    [" ", "", "\t"][how[7] as usize % 3],
+                    cased("Bearer", how[6] / 2),
+                    params.join(sep),
+                    [" ", "", ""][how[5] as usize % 3],
+                );
+                Written {
+                    header,
+                    realm,
+                    service,
+                    scope,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn no_header_value_panics_the_challenge_parser(
+            v in prop_oneof![
+                any::<String>(),
+                "(Bearer|Basic|bearer|) [a-z=\",\\\\ ]{0,40}",
+            ],
+        ) {
+            let _ = parse_challenge(&v);
+        }
+
+        #[test]
+        fn a_bearer_challenge_gives_back_its_realm_service_and_scope(
+            c in bearer_challenges(false),
+        ) {
+            prop_assert_eq!(
+                parse_challenge(&c.header),
+                Some(Challenge::Bearer { realm: c.realm, service: c.service, scope: c.scope }),
+                "{}", c.header
+            );
+        }
+
+        /// Bearer without a realm names no token endpoint: no challenge to answer.
+        #[test]
+        fn a_bearer_challenge_without_a_realm_is_none(c in bearer_challenges(false)) {
+            let without = c.header.replace("realm", "nealm").replace("REALM", "NEALM")
+                .replace("ReAlM", "NeAlM");
+            prop_assume!(!without.to_ascii_lowercase().contains("realm"));
+            prop_assert_eq!(parse_challenge(&without), None);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// RFC 9110 §11.2 allows whitespace around `=` in a parameter (`realm = "..."`).
+        #[test]
+        fn whitespace_around_equals_is_allowed(c in bearer_challenges(true)) {
+            prop_assert_eq!(
+                parse_challenge(&c.header),
+                Some(Challenge::Bearer { realm: c.realm, service: c.service, scope: c.scope }),
+                "{}", c.header
+            );
+        }
     }
 }

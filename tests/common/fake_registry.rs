@@ -135,6 +135,10 @@ struct Inner {
     extra_headers: Vec<(String, String)>,
     /// The `realm` of bearer challenges, when not our own `/token`.
     token_realm: Option<String>,
+    /// Referrers requests answer 404, as a registry without the referrers API does.
+    no_referrers_api: bool,
+    /// Referrers lists are paged this many descriptors at a time (`Link` to the next page).
+    referrers_page: Option<usize>,
 }
 
 impl Inner {
@@ -308,6 +312,16 @@ impl FakeRegistry {
     /// tokens): an upstream that sends its clients' credentials elsewhere.
     pub fn set_token_realm(&self, realm: &str) {
         self.state.lock().token_realm = Some(realm.to_string());
+    }
+
+    /// Referrers requests answer `404 page not found` (text/plain), as distribution 2.8 does.
+    pub fn disable_referrers_api(&self) {
+        self.state.lock().no_referrers_api = true;
+    }
+
+    /// Referrers lists come `n` descriptors a page, each with a `Link` to the next.
+    pub fn page_referrers(&self, n: usize) {
+        self.state.lock().referrers_page = Some(n.max(1));
     }
 
     /// Turns auth off again (the default).
@@ -569,15 +583,7 @@ async fn handle_request(
             manifest(&state, &flushes, &req, name, reference, head).await
         }
         Route::TagsList { name } => tags_list(&state, name, query.as_deref()),
-        Route::Referrers { .. } => {
-            let body = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#);
-            let mut resp = json_response(StatusCode::OK, Bytes::from(body));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(OCI_INDEX),
-            );
-            resp
-        }
+        Route::Referrers { name } => referrers(&state, name, &path, query.as_deref()).await,
     })
 }
 
@@ -717,6 +723,110 @@ fn tags_list(state: &State, name: &str, query: Option<&str>) -> Response<Body> {
         let link = format!(r#"</v2/{name}/tags/list?last={last}&n={n}>; rel="next""#);
         resp.headers_mut()
             .insert(header::LINK, link.parse().expect("valid link header"));
+    }
+    resp
+}
+
+/// `referrers/<digest>`: the manifests of `name` whose `subject` is that digest, as the
+/// distribution spec describes them (by digest, so the answer is the same every time), filtered
+/// by `artifactType` when asked and paged when [`FakeRegistry::page_referrers`] says so. A
+/// [`BlobBehavior::Gate`] set on the digest holds the answer until released.
+async fn referrers(state: &State, name: &str, path: &str, query: Option<&str>) -> Response<Body> {
+    let subject = path.rsplit('/').next().unwrap_or_default();
+    let mut wanted = Vec::new();
+    let mut page = 0usize;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "artifactType" => wanted.push(v.into_owned()),
+            "page" => page = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let gate = match state.lock().behaviors.get(subject) {
+        Some(BlobBehavior::Gate { release }) => Some(release.clone()),
+        _ => None,
+    };
+    if let Some(release) = gate {
+        release.notified().await;
+    }
+    let inner = state.lock();
+    if inner.no_referrers_api {
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(
+                Full::new(Bytes::from_static(b"404 page not found\n"))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .expect("valid response");
+    }
+    let mut found: Vec<(String, serde_json::Value)> = Vec::new();
+    for (digest, m) in inner
+        .repos
+        .get(name)
+        .map(|r| &r.manifests)
+        .into_iter()
+        .flatten()
+    {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.body) else {
+            continue;
+        };
+        if v["subject"]["digest"].as_str() != Some(subject) {
+            continue;
+        }
+        let mut d = serde_json::json!({
+            "mediaType": m.media_type, "digest": digest, "size": m.body.len(),
+        });
+        let artifact_type = v["artifactType"]
+            .as_str()
+            .or_else(|| v["config"]["mediaType"].as_str());
+        if let Some(t) = artifact_type {
+            d["artifactType"] = t.into();
+        }
+        if let Some(a) = v.get("annotations") {
+            d["annotations"] = a.clone();
+        }
+        found.push((digest.clone(), d));
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut list: Vec<serde_json::Value> = found
+        .into_iter()
+        .map(|(_, d)| d)
+        .filter(|d| {
+            wanted.is_empty()
+                || d["artifactType"]
+                    .as_str()
+                    .is_some_and(|t| wanted.iter().any(|w| w == t))
+        })
+        .collect();
+    let mut next = None;
+    if let Some(n) = inner.referrers_page {
+        let rest = list.split_off((page * n).min(list.len()));
+        if rest.len() > n {
+            next = Some(page + 1);
+        }
+        list = rest.into_iter().take(n).collect();
+    }
+    let body = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list,
+    }))
+    .expect("serialize referrers");
+    let mut resp = json_response(StatusCode::OK, Bytes::from(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(OCI_INDEX),
+    );
+    if !wanted.is_empty() {
+        h.insert(
+            "OCI-Filters-Applied",
+            header::HeaderValue::from_static("artifactType"),
+        );
+    }
+    if let Some(p) = next {
+        let link = format!(r#"</v2/{name}/referrers/{subject}?page={p}>; rel="next""#);
+        h.insert(header::LINK, link.parse().expect("valid link header"));
     }
     resp
 }

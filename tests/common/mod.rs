@@ -1,8 +1,8 @@
 //! Shared helpers for integration tests: an in-process fake upstream (`fake_registry`), entrepot
 //! in-process (`proxy`), real programs for end-to-end runs (`real`, with the clients in
-//! `clients`, authenticated upstreams in `auth_e2e` and OCI checks in `oci_e2e`), and the small
-//! utilities all of them use: HTTP clients, digests, random bytes, config tables, OCI error
-//! bodies, an accept loop.
+//! `clients`, authenticated upstreams in `auth_e2e`, OCI checks in `oci_e2e` and the test CA and
+//! HTTPS clients in `tls`), and the small utilities all of them use: HTTP clients, digests,
+//! random bytes, config tables, OCI error bodies, an accept loop.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
 pub mod auth_e2e;
@@ -14,6 +14,7 @@ pub mod oci_e2e;
 pub mod proxy;
 pub mod real;
 pub mod s3_relay;
+pub mod tls;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};

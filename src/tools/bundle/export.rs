@@ -1,6 +1,13 @@
 //! `entrepot export`: resolve the selected images in the store, check them complete, and write
 //! their closures (or what the journal recorded since a marker) as a bundle, through a temp file
 //! that only a finished export renames into place.
+//!
+//! The referrers lists the store holds for the selected images travel with them, each as an
+//! image named by the referrers tag schema (`upstream/repo:sha256-<hex>`): the distribution
+//! spec's tag for an index holding what the referrers API answers. Importing one records that
+//! tag, and an entrepot with no referrers record of its own answers `referrers/<digest>` from
+//! it when offline (see `http::passthrough`). Signature tags (`sha256-<hex>.sig`) and
+//! referrers that prefetch pinned travel as the pinned images they are.
 
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsString;
@@ -8,6 +15,7 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use super::closure::{
     annotations, walk, Closure, Descriptor, Index, Source as _, StoreSource, WalkError,
@@ -17,9 +25,10 @@ use super::{
     BUNDLE_FILE, COPY_BUF, FORMAT, FORMAT_VERSION, INDEX_FILE, LAYOUT_FILE,
 };
 use crate::cache::journal::Entry;
+use crate::cache::referrers::{self, ReferrersAnswer};
 use crate::cache::{layout, pins, tags};
 use crate::config::{parse_image_ref, PinConfig};
-use crate::oci::{media, Digest, Hasher, Reference};
+use crate::oci::{media, Digest, Hasher, Reference, RepoName};
 use crate::tools::blocking::BlockingStore;
 use crate::tools::maintenance::{human_size, Target};
 
@@ -92,6 +101,7 @@ pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result
     if !problems.is_empty() {
         return Err(ExportError::NotInStore(problems));
     }
+    let notes = add_referrers(&bs, &src, cap, &mut images)?;
 
     let mut blobs = Closure::default();
     if let Some(since) = args.since {
@@ -168,9 +178,84 @@ pub fn run_export(t: &Target, args: &ExportArgs, out: &mut impl Write) -> Result
         for i in &images {
             writeln!(out, "  {}  {}", pins::format(&i.name), i.digest)?;
         }
+        for n in &notes {
+            writeln!(out, "note: {n}")?;
+        }
         writeln!(out, "marker: {marker}")
     };
     write(out).map_err(io_ctx("cannot write to stdout"))
+}
+
+/// Adds to `images` the referrers lists the store holds for their manifests (and, in turn, for
+/// those lists' referrers), each named by the referrers tag schema; an empty list is left out,
+/// and so, with a note, is one whose referrers are not all in the store.
+fn add_referrers(
+    bs: &BlockingStore,
+    src: &StoreSource<'_>,
+    cap: u64,
+    images: &mut Vec<Image>,
+) -> Result<Vec<String>, ExportError> {
+    let mut notes = Vec::new();
+    let mut asked: HashSet<(String, RepoName, Digest)> = HashSet::new();
+    let mut next = 0;
+    while next < images.len() {
+        let (upstream, repo) = (
+            images[next].name.upstream.clone(),
+            images[next].name.repo.clone(),
+        );
+        let subjects: Vec<Digest> = images[next].closure.manifests.keys().cloned().collect();
+        next += 1;
+        let up: Arc<str> = upstream.as_str().into();
+        for subject in subjects {
+            if !asked.insert((upstream.clone(), repo.clone(), subject.clone())) {
+                continue;
+            }
+            let Some(entry) = bs.wait(bs.store().referrers.get(&up, &repo, &subject)) else {
+                continue;
+            };
+            let ReferrersAnswer::Index(index) = entry.answer else {
+                continue;
+            };
+            let name = PinConfig {
+                upstream: upstream.clone(),
+                repo: repo.clone(),
+                reference: Reference::Tag(referrers::tag_schema(&subject)),
+            };
+            // The upstream's own tag-schema tag, selected already, says the same.
+            if images.iter().any(|i| i.name == name) {
+                continue;
+            }
+            let left_out = |why: String| {
+                format!(
+                    "{} (the referrers of {subject}) left out: {why}",
+                    pins::format(&name)
+                )
+            };
+            match walk(src, &index, media::OCI_INDEX, None, cap) {
+                Ok(closure) if closure.manifests.len() > 1 => images.push(Image {
+                    size: closure.blobs[&index],
+                    name,
+                    digest: index,
+                    media_type: media::OCI_INDEX.to_string(),
+                    closure,
+                }),
+                Ok(_) => {}
+                Err(WalkError::Io(e)) => {
+                    return Err(io_ctx(format!("cannot read the referrers of {subject}"))(e))
+                }
+                Err(WalkError::Missing { digest, .. }) => {
+                    notes.push(left_out(format!("{digest} is not in the store")))
+                }
+                Err(WalkError::Size { digest, .. }) => {
+                    notes.push(left_out(format!("{digest} has another size than listed")))
+                }
+                Err(WalkError::BadManifest { digest, why }) => {
+                    notes.push(left_out(format!("manifest {digest}: {why}")))
+                }
+            }
+        }
+    }
+    Ok(notes)
 }
 
 /// The images to export, named as the store names them: the arguments, else every pin.

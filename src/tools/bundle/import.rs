@@ -550,6 +550,16 @@ impl Staging {
             )))?;
             done.tags += 1;
         }
+        // Reads are scoped to (upstream, repository): each image is readable under its own.
+        let linked = images.iter().map(|i| {
+            (
+                std::sync::Arc::from(i.name.upstream.as_str()),
+                i.name.repo.clone(),
+                i.digest.clone(),
+            )
+        });
+        bs.wait(store.link_images(linked.collect::<Vec<_>>()))
+            .map_err(imp_io("cannot link the images to their repositories"))?;
         let names: Vec<PinConfig> = images.iter().map(|i| i.name.clone()).collect();
         bs.wait(store.add_pins(&names))
             .map_err(imp_io("cannot record the pins"))?;

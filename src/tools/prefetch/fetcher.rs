@@ -1,6 +1,12 @@
 //! The pulling side of a prefetch: [`Fetcher`] walks each image over the registry API of an
 //! entrepot server, asking for every manifest and blob digest once per run and checking what it
 //! receives; and the helpers that read its responses and errors.
+//!
+//! With `--with-referrers` it also takes what makes an image verifiable offline, for every
+//! manifest of the image: its referrers list (which the server stores), every referrer listed
+//! there with its blobs, and the tags signing tools use instead where the upstream has them:
+//! the referrers tag schema `sha256-<hex>` and cosign's `sha256-<hex>.sig`, `.att` and `.sbom`
+//! (a 404 there is no error). Those referrers and tags are pinned with the image.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,9 +21,9 @@ use tokio::task::JoinSet;
 use super::summary::Counts;
 use super::ui::Ui;
 use super::{Descriptor, ImageOutcome, ManifestJson, Options, Platform};
-use crate::cache::pins;
+use crate::cache::{pins, referrers};
 use crate::config::PinConfig;
-use crate::oci::{media, Digest, Hasher, Reference};
+use crate::oci::{media, Digest, Hasher, Reference, Tag};
 
 /// Manifests and error bodies are read whole; nothing sane is bigger.
 const MAX_MANIFEST: u64 = 16 << 20;
@@ -32,6 +38,9 @@ const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.docker.distribution.manifest.v2+json, \
     application/vnd.oci.artifact.manifest.v1+json";
+
+/// The tags cosign keeps next to the referrers tag schema (`sha256-<hex>` + these).
+const COSIGN_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
 
 /// A manifest as received, verified against its digest.
 struct Fetched {
@@ -70,6 +79,18 @@ struct Walk {
     digests: Vec<Digest>,
     errors: Vec<String>,
     all_cached: bool,
+    /// Referrers (by digest) and signature tags found, pinned with the image.
+    artifacts: Vec<Reference>,
+}
+
+/// How a manifest was reached in a walk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The image itself, or a manifest of its index.
+    Image,
+    /// A referrer, or a signature tag: artifacts of the image; their own signature tags are
+    /// not looked for.
+    Artifact,
 }
 
 impl Fetcher {
@@ -134,7 +155,7 @@ impl Fetcher {
             }
         };
         match top {
-            (_, Ok(top)) => self.visit(&name, top, 0, &mut walk).await,
+            (_, Ok(top)) => self.visit(&name, top, 0, Via::Image, &mut walk).await,
             (reference, Err(e)) => walk.errors.push(format!("manifest {reference}: {e}")),
         }
         let result = match walk.errors.len() {
@@ -143,23 +164,36 @@ impl Fetcher {
             n => Err(format!("{} (and {} more)", walk.errors[0], n - 1)),
         };
         self.ui.image_done(&label, &result, walk.all_cached);
+        let mut artifacts: Vec<PinConfig> = Vec::new();
+        for reference in walk.artifacts {
+            let p = PinConfig {
+                upstream: pin.upstream.clone(),
+                repo: pin.repo.clone(),
+                reference,
+            };
+            if !artifacts.contains(&p) {
+                artifacts.push(p);
+            }
+        }
         ImageOutcome {
             index,
             pin,
             result,
             digests: walk.digests,
+            artifacts,
             all_cached: walk.all_cached,
             stats: self.stats.clone(),
         }
     }
 
     /// Records a manifest and fetches what it references: the chosen children of an index, the
-    /// config and layers of an image, and the referrers of both when asked.
+    /// config and layers of an image, and the referrers and signature tags of both when asked.
     fn visit<'a>(
         self: &'a Arc<Self>,
         name: &'a str,
         m: Arc<Fetched>,
         depth: usize,
+        via: Via,
         walk: &'a mut Walk,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
@@ -173,7 +207,7 @@ impl Fetcher {
                     return;
                 }
             };
-            let mut children: Vec<Descriptor> = Vec::new();
+            let mut children: Vec<(Descriptor, Via)> = Vec::new();
             if is_index(&m.media_type, &parsed) {
                 children = parsed
                     .manifests
@@ -184,7 +218,7 @@ impl Fetcher {
                                 .as_ref()
                                 .is_some_and(|p| self.opts.platforms.iter().any(|f| f.matches(p)))
                     })
-                    .cloned()
+                    .map(|d| (d.clone(), via))
                     .collect();
                 if children.is_empty() && depth == 0 && !self.opts.platforms.is_empty() {
                     let wanted: Vec<String> = self
@@ -221,8 +255,27 @@ impl Fetcher {
             }
             if self.opts.referrers {
                 match self.referrers(name, &m.digest).await {
-                    Ok(r) => children.extend(r),
+                    Ok(r) => {
+                        for d in r {
+                            if let Ok(digest) = d.digest.parse::<Digest>() {
+                                walk.artifacts.push(Reference::Digest(digest));
+                            }
+                            children.push((d, Via::Artifact));
+                        }
+                    }
                     Err(e) => walk.errors.push(format!("referrers of {}: {e}", m.digest)),
+                }
+                if via == Via::Image {
+                    for (tag, found) in self.signature_tags(name, &m.digest).await {
+                        match found {
+                            Ok(Some(t)) => {
+                                walk.artifacts.push(Reference::Tag(tag));
+                                children.push((t, Via::Artifact));
+                            }
+                            Ok(None) => {}
+                            Err(e) => walk.errors.push(format!("manifest {tag}: {e}")),
+                        }
+                    }
                 }
             }
             if depth >= MAX_DEPTH {
@@ -234,10 +287,13 @@ impl Fetcher {
                 }
                 return;
             }
+            // A signature both listed as a referrer and tagged is walked once.
+            let mut listed = HashSet::new();
+            children.retain(|(d, _)| listed.insert(d.digest.clone()));
             // Children side by side (each platform's layers in parallel, within --jobs), each
             // walked on its own and then merged.
             let seen = &walk.digests;
-            let walks = join_all(children.iter().map(|d| async move {
+            let walks = join_all(children.iter().map(|(d, via)| async move {
                 let mut sub = Walk {
                     all_cached: true,
                     ..Walk::default()
@@ -248,7 +304,7 @@ impl Fetcher {
                 };
                 match child {
                     Ok(child) if seen.contains(&child.digest) => {}
-                    Ok(child) => self.visit(name, child, depth + 1, &mut sub).await,
+                    Ok(child) => self.visit(name, child, depth + 1, *via, &mut sub).await,
                     Err(e) => sub.errors.push(format!("manifest {}: {e}", d.digest)),
                 }
                 sub
@@ -257,6 +313,7 @@ impl Fetcher {
             for sub in walks {
                 walk.digests.extend(sub.digests);
                 walk.errors.extend(sub.errors);
+                walk.artifacts.extend(sub.artifacts);
                 walk.all_cached &= sub.all_cached;
             }
         })
@@ -306,6 +363,19 @@ impl Fetcher {
         reference: &str,
         expect: Option<&Digest>,
     ) -> Result<Fetched, String> {
+        self.get_manifest_if_any(name, reference, expect, false)
+            .await?
+            .ok_or_else(|| "not found".to_string())
+    }
+
+    /// [`Fetcher::get_manifest`]; with `missing_ok`, a 404 is `None` rather than an error.
+    async fn get_manifest_if_any(
+        &self,
+        name: &str,
+        reference: &str,
+        expect: Option<&Digest>,
+        missing_ok: bool,
+    ) -> Result<Option<Fetched>, String> {
         let _permit = self.jobs.acquire().await.map_err(|e| e.to_string())?;
         let url = format!("{}/v2/{name}/manifests/{reference}", self.base);
         let resp = self
@@ -315,6 +385,9 @@ impl Fetcher {
             .send()
             .await
             .map_err(|e| error_chain(&e))?;
+        if missing_ok && resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
         if !resp.status().is_success() {
             return Err(response_error(resp).await);
         }
@@ -358,12 +431,51 @@ impl Fetcher {
         if media_type == media::DOCKER_V1_SIGNED {
             return Err("Docker schema 1 manifests are not supported".into());
         }
-        Ok(Fetched {
+        Ok(Some(Fetched {
             digest,
             media_type,
             body,
             cached,
-        })
+        }))
+    }
+
+    /// The referrers tag schema and cosign's tags of `subject`, each with the descriptor of
+    /// what it names (taken by digest from here on), `None` where the upstream has no such tag.
+    async fn signature_tags(
+        &self,
+        name: &str,
+        subject: &Digest,
+    ) -> Vec<(Tag, Result<Option<Descriptor>, String>)> {
+        let schema = referrers::tag_schema(subject);
+        let mut tags = vec![schema.clone()];
+        // cosign names them after the whole digest, which the schema tag is for sha256.
+        if subject.algorithm() == crate::oci::digest::Algorithm::Sha256 {
+            tags.extend(
+                COSIGN_SUFFIXES
+                    .iter()
+                    .filter_map(|s| format!("{schema}{s}").parse::<Tag>().ok()),
+            );
+        }
+        let found = join_all(tags.iter().map(|t| async move {
+            let m = self
+                .get_manifest_if_any(name, t.as_str(), None, true)
+                .await?;
+            Ok(m.map(|m| {
+                let m = Arc::new(m);
+                self.count_manifest(&m);
+                // The walk takes it by digest, from here.
+                let _ = self.manifest_cell(&m.digest).set(Ok(m.clone()));
+                Descriptor {
+                    media_type: m.media_type.clone(),
+                    digest: m.digest.to_string(),
+                    size: Some(m.body.len() as u64),
+                    urls: Vec::new(),
+                    platform: None,
+                }
+            }))
+        }))
+        .await;
+        tags.into_iter().zip(found).collect()
     }
 
     /// A blob by descriptor, fetched once per run whatever asks for it. `None`: skipped (a

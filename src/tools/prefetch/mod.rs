@@ -72,7 +72,9 @@ pub struct PrefetchArgs {
     /// Of an image index, fetch only these platforms (default: all).
     #[arg(long, value_name = "OS/ARCH[/VARIANT],...", value_delimiter = ',')]
     pub platform: Vec<Platform>,
-    /// Also fetch the referrers (signatures, SBOMs, attestations) of every manifest.
+    /// Also fetch the referrers (signatures, SBOMs, attestations) of every manifest, and its
+    /// sha256-<hex> tag-schema and cosign (.sig, .att, .sbom) tags where the upstream has them;
+    /// they are pinned with the image.
     #[arg(long)]
     pub with_referrers: bool,
     /// How many requests run at once.
@@ -275,14 +277,15 @@ async fn prefetch(args: PrefetchArgs, requested: Vec<Requested>) -> anyhow::Resu
         }
     };
     ui.finish();
-    let pins: Vec<PinConfig> = outcomes
-        .iter()
-        .filter(|o| o.result.is_ok())
-        .map(|o| o.pin.clone())
+    let done = || outcomes.iter().filter(|o| o.result.is_ok());
+    // An image's referrers and signature tags are pinned with it (and counted as part of it).
+    let pins: Vec<PinConfig> = done()
+        .flat_map(|o| std::iter::once(&o.pin).chain(&o.artifacts))
+        .cloned()
         .collect();
     if !args.no_pin && !pins.is_empty() {
         match pin_to.pin(&pins).await {
-            Ok(()) => summary.pinned = pins.len(),
+            Ok(()) => summary.pinned = done().count(),
             Err(e) => summary.pin_error = Some(format!("{e:#}")),
         }
     }
@@ -432,6 +435,8 @@ struct ImageOutcome {
     result: Result<(), String>,
     /// Every manifest and blob digest of the image, as fetched.
     digests: Vec<Digest>,
+    /// Its referrers (by digest) and signature tags, as found with `--with-referrers`.
+    artifacts: Vec<PinConfig>,
     /// Nothing of it had to be fetched.
     all_cached: bool,
     stats: Arc<Mutex<Counts>>,
