@@ -5,7 +5,7 @@
 //! ```text
 //! main.rs      CLI: parse args, init tracing, load config, run the server
 //! app.rs       Server: listener, connections, TaskTracker + shutdown token, graceful drain
-//! config.rs    TOML → validated Config; built-in defaults for well-known registries
+//! config/      TOML → validated Config; built-in defaults for well-known registries
 //! error.rs     ApiError: the one place errors become HTTP status + OCI error JSON
 //! clock.rs     the clock tag TTLs and token expiry are measured with
 //! tls.rs       the process's rustls crypto provider (ring), installed before any client
@@ -17,12 +17,15 @@
 //!              usage (use stamps, readers), inventory and eviction; layout.rs spells every
 //!              key; backend/ is the storage seam (fs, s3, memory)
 //! upstream/    upstream selection, registry client, bearer/basic auth, token cache
+//! auth/        client authentication (htpasswd, client certificates) and the read policy
+//! cluster/     replicas: membership, rendezvous ownership, signed one-hop forwards
 //! tools/       beside the server: prefetch, export/import bundles, `cache ls|rm|verify|gc`
 //! ```
 //!
-//! A blob request goes router → `http::blobs` → `Store::blob`: a hit is served from its file;
-//! a miss starts one detached fill per digest (`cache::fill`) that owns the upstream stream,
-//! and every client reads behind it (`cache::read::follow`).
+//! A blob request goes router → access policy → `http::blobs` → `Store::blob`: a hit is served
+//! from its file once its (upstream, repository) is linked (`http::scope`); a miss starts one
+//! detached fill per digest (`cache::fill`) that owns the source stream (the bucket, the
+//! owner replica, or the upstream), and every client reads behind it (`cache::read::follow`).
 
 // `unsafe` is denied everywhere but in one measured hot path: mapping stored blobs for serving
 // (`cache::mapped`, which says why it is sound).
