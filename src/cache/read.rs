@@ -65,9 +65,6 @@ struct Follower {
     chunk: u64,
     /// Set when the store failed mid-fill: the rest comes straight from upstream.
     bypass: Option<futures_util::stream::BoxStream<'static, Result<Bytes, BoxError>>>,
-    /// The whole verified file, mapped once the fill is done: a follower still behind reads
-    /// the rest as slices of it, without a read or a copy per chunk.
-    mapped: Option<Bytes>,
 }
 
 /// The bytes `start..end` (or `start..` the end of the blob) of a fill in progress, read from its
@@ -96,7 +93,6 @@ fn follow_in_chunks(
         end,
         chunk,
         bypass: None,
-        mapped: None,
     };
     futures_util::stream::try_unfold(st, |mut st| async move {
         loop {
@@ -145,18 +141,6 @@ fn follow_in_chunks(
                 let want = (limit - st.pos).min(st.chunk);
                 let bytes = match st.fill.locate(st.pos, want) {
                     Located::Memory(b) => b,
-                    // Done: every byte is on disk and verified.
-                    Located::File(_) if complete => {
-                        if st.mapped.is_none() {
-                            st.mapped = Some(super::mapped::map(&file)?);
-                        }
-                        let m = st.mapped.as_ref().expect("mapped above");
-                        let end = limit.min(st.pos + SLICE as u64).min(m.len() as u64);
-                        if end <= st.pos {
-                            return Err("blob file shorter than expected".into());
-                        }
-                        m.slice(st.pos as usize..end as usize)
-                    }
                     Located::File(n) => read_at(file, st.pos, n).await?,
                     // Published bytes are always in memory or on disk; if not, fail loudly
                     // rather than wait or end short.
