@@ -22,17 +22,6 @@ use object_store::{ObjectStore as _, ObjectStoreExt as _};
 
 const MIB: usize = 1 << 20;
 
-fn s3_storage(garage: &Garage, storage: &str, s3: &str) -> String {
-    format!(
-        "backend = \"s3\"\n{storage}\n\n[storage.s3]\nendpoint = \"{}\"\nregion = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n{s3}\n",
-        garage.endpoint(),
-        garage.region(),
-        garage.bucket(),
-        garage.access_key_id(),
-        garage.secret_access_key(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_pulls_through_each_replica_alone_from_the_bucket_with_no_upstream_request() {
     common::real::require_programs(&["docker-registry", "skopeo"]);
@@ -46,7 +35,7 @@ async fn skopeo_pulls_through_each_replica_alone_from_the_bucket_with_no_upstrea
     let mut replicas = static_cluster(
         work.path(),
         &addrs,
-        &s3_storage(&garage, "", ""),
+        &cluster::s3_storage(&garage, "", ""),
         &upstream("reg", &registry.url(), true, TAG_TTL),
         "",
     )
@@ -98,7 +87,7 @@ async fn a_tag_is_revalidated_once_per_ttl_for_the_whole_cluster() {
     let mut replicas = static_cluster(
         work.path(),
         &addrs,
-        &s3_storage(&garage, "", ""),
+        &cluster::s3_storage(&garage, "", ""),
         &upstream("fake", &up.url(), true, "tag_ttl = \"1s\""),
         "",
     )
@@ -161,7 +150,7 @@ async fn one_replica_sweeps_the_bucket_and_spares_what_a_replica_used_within_the
     let mut replicas = static_cluster(
         work.path(),
         &addrs,
-        &s3_storage(
+        &cluster::s3_storage(
             &garage,
             "sweep_interval = \"1s\"",
             "max_size = \"30MiB\"\neviction_grace = \"4s\"",

@@ -21,17 +21,6 @@ use common::{client, get_blob, random_bytes, upstream, OCI_MANIFEST};
 
 const MIB: usize = 1 << 20;
 
-fn s3_storage(garage: &Garage) -> String {
-    format!(
-        "backend = \"s3\"\n\n[storage.s3]\nendpoint = \"{}\"\nregion = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-        garage.endpoint(),
-        garage.region(),
-        garage.bucket(),
-        garage.access_key_id(),
-        garage.secret_access_key(),
-    )
-}
-
 /// Pulls `image` (`team/<repo>:v1`) through `base`: the manifest by tag, then every blob,
 /// each checked against its digest.
 async fn pull(
@@ -63,7 +52,7 @@ async fn a_replica_added_mid_run_takes_its_keys_while_pulls_in_flight_complete()
     let mut replicas = static_cluster(
         work.path(),
         &addrs,
-        &s3_storage(&garage),
+        &cluster::s3_storage(&garage, "", ""),
         &upstream("fake", &up.url(), true, ""),
         "",
     )
@@ -145,7 +134,7 @@ async fn a_rolling_restart_of_every_replica_fails_no_pull_that_retries_on_anothe
     let mut replicas = static_cluster(
         work.path(),
         &addrs,
-        &s3_storage(&garage),
+        &cluster::s3_storage(&garage, "", ""),
         &upstream("fake", &up.url(), true, ""),
         "",
     )

@@ -22,18 +22,6 @@ use tokio::sync::Notify;
 
 const MIB: usize = 1 << 20;
 
-/// `[storage]` keys for the shared bucket of `garage`.
-fn s3_storage(garage: &Garage) -> String {
-    format!(
-        "backend = \"s3\"\n\n[storage.s3]\nendpoint = \"{}\"\nregion = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-        garage.endpoint(),
-        garage.region(),
-        garage.bucket(),
-        garage.access_key_id(),
-        garage.secret_access_key(),
-    )
-}
-
 /// `clients` GETs of `digest` spread over `replicas` at once (every eighth a Range from the
 /// middle); each must get exactly its bytes of `data`.
 async fn pull_everywhere(
@@ -110,7 +98,7 @@ async fn a_cold_layer_pulled_through_three_replicas_on_one_bucket_costs_one_upst
     let mut replicas = static_cluster(
         work.path(),
         &addrs,
-        &s3_storage(&garage),
+        &cluster::s3_storage(&garage, "", ""),
         &upstream("reg", &registry.url(), true, ""),
         "",
     )
@@ -209,7 +197,7 @@ async fn the_owner_killed_mid_fill_aborts_its_followers_and_a_retry_through_any_
     let mut replicas = static_cluster(
         work.path(),
         &addrs,
-        &s3_storage(&garage),
+        &cluster::s3_storage(&garage, "", ""),
         &upstream("fake", &up.url(), true, ""),
         "",
     )

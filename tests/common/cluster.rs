@@ -259,3 +259,16 @@ pub fn owner_of(replicas: &[Replica], key: &str) -> usize {
         .expect("members");
     urls.iter().position(|u| u == owner).expect("an owner")
 }
+
+/// `[storage]` keys for the shared bucket of `garage`: `storage` more `[storage]` keys, `s3` more
+/// `[storage.s3]` keys.
+pub fn s3_storage(garage: &super::garage::Garage, storage: &str, s3: &str) -> String {
+    format!(
+        "backend = \"s3\"\n{storage}\n\n[storage.s3]\nendpoint = \"{}\"\nregion = \"{}\"\nbucket = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n{s3}\n",
+        garage.endpoint(),
+        garage.region(),
+        garage.bucket(),
+        garage.access_key_id(),
+        garage.secret_access_key(),
+    )
+}
