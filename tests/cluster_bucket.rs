@@ -58,6 +58,20 @@ async fn skopeo_pulls_through_each_replica_alone_from_the_bucket_with_no_upstrea
         }
     };
     copy(&replicas[0], "first").await;
+    // The owners' uploads finish a moment after their clients are served: the replicas that
+    // stay up alone rely on the bucket.
+    common::eventually(
+        Duration::from_secs(30),
+        "every blob in the bucket",
+        || async {
+            let mut all = true;
+            for d in image.all_digests() {
+                all &= in_bucket(&garage, &d).await;
+            }
+            all
+        },
+    )
+    .await;
     let asked = registry.requests_from_entrepot().len();
     for i in 0..replicas.len() {
         for (j, r) in replicas.iter_mut().enumerate() {

@@ -162,9 +162,9 @@ fn in_layout(rel: &str) -> bool {
         ["meta", "tags", "fake", repo @ .., "_tags", tag] => {
             !repo.is_empty() && repo.iter().all(|c| plain_component(c)) && plain_component(tag)
         }
-        // `meta/links/<upstream>/<repo...>/_links`
-        ["meta", "links", "fake", repo @ .., "_links"] => {
-            !repo.is_empty() && repo.iter().all(|c| plain_component(c))
+        // `meta/links/<upstream>/<repo...>/_links/<alg>/<hex>`
+        ["meta", "links", "fake", repo @ .., "_links", "sha256", h] => {
+            !repo.is_empty() && repo.iter().all(|c| plain_component(c)) && hex(h, 64)
         }
         // `meta/referrers/<upstream>/<repo...>/_referrers/<alg>/<hex>`
         ["meta", "referrers", "fake", repo @ .., "_referrers", "sha256", h] => {

@@ -222,26 +222,7 @@ pub(super) async fn run(entry: InProgress, tx: watch::Sender<Progress>, cancel: 
         _ = cancel.cancelled() => Err(FillError::Cancelled),
         r = fill_blob(&entry.store, &fill, &tx) => r,
     };
-    let result = match result {
-        Ok((size, origin)) => {
-            // The upstream served it for this repository (itself, or through the owner): a
-            // read under this pair needs no confirmation. Linked before the fill leaves the map.
-            if !matches!(origin, Origin::Shared { .. }) {
-                let s = &fill.source;
-                let linked = entry
-                    .store
-                    .links
-                    .add(s.upstream.name(), &s.repo, [fill.digest.clone()])
-                    .await;
-                if let Err(e) = linked {
-                    crate::metrics::storage_error();
-                    tracing::warn!(digest = %fill.digest, error = %e, "could not link the blob to its repository");
-                }
-            }
-            Ok(size)
-        }
-        Err(e) => Err(e),
-    };
+    let result = result.map(|(size, _)| size);
     // The temp file (owned by `fill_blob`) is gone by now on every error path. Leaving the map
     // first means a request that sees the failure can start a fresh fill.
     drop(entry);
@@ -402,6 +383,20 @@ async fn fill_blob(
         file,
         size: written,
     });
+    // The upstream served it for this repository (itself, or through the owner): a read under
+    // this pair needs no confirmation. Linked before the commit, so whoever finds the blob in
+    // storage finds its link too.
+    if !matches!(origin, Origin::Shared { .. }) {
+        let s = &fill.source;
+        let linked = store
+            .links
+            .add(s.upstream.name(), &s.repo, [digest.clone()])
+            .await;
+        if let Err(e) = linked {
+            crate::metrics::storage_error();
+            tracing::warn!(digest = %digest, error = %e, "could not link the blob to its repository");
+        }
+    }
     if let Err(e) = store.commit_fill(digest, temp, written, origin).await {
         // Every follower already has its verified bytes; only the cached copy is lost.
         crate::metrics::storage_error();

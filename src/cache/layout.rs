@@ -7,7 +7,7 @@
 //! meta/tags/<upstream>/<repo>/_tags/<tag>   tag → digest, media type, size, fetched-at
 //! meta/referrers/<upstream>/<repo>/_referrers/<alg>/<hex>
 //!                                           a subject's referrers: stored index or none, fetched-at
-//! meta/links/<upstream>/<repo>/_links       digests this upstream serves for this repository
+//! meta/links/<upstream>/<repo>/_links/<alg>/<hex>  this upstream serves it for this repository
 //! meta/links-ready                          the store's links were initialised
 //! meta/pins                                 pins recorded by prefetch and import
 //! meta/access                               last use of each blob (use stamps)
@@ -64,9 +64,13 @@ pub fn tag(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
     format!("{TAGS}{upstream}/{repo}{TAGS_FOLDER}{tag}")
 }
 
-/// `meta/links/<upstream>/<repo>/_links`: the digests a read under this pair may see.
-pub fn links(upstream: &str, repo: &RepoName) -> String {
-    format!("{LINKS}{upstream}/{repo}/_links")
+/// `meta/links/<upstream>/<repo>/_links/<alg>/<hex>`: a read under this pair may see this digest.
+pub fn link(upstream: &str, repo: &RepoName, d: &Digest) -> String {
+    format!(
+        "{LINKS}{upstream}/{repo}/_links/{}/{}",
+        d.algorithm().as_str(),
+        d.hex()
+    )
 }
 
 /// `meta/referrers/<upstream>/<repo>/_referrers/<alg>/<hex>`: what the upstream last said the
@@ -231,11 +235,13 @@ mod properties {
             up in upstream_name(),
             repo in repo(),
             t in tag_name(),
+            d in digest_string(),
         ) {
             let key = tag(&up, &repo, &t);
             assert_contained(&key, TAGS)?;
             prop_assert_eq!(parse_tag_key(&key), Some((up.clone(), repo.clone(), t)));
-            assert_contained(&links(&up, &repo), LINKS)?;
+            let d: Digest = d.parse().unwrap();
+            assert_contained(&link(&up, &repo, &d), LINKS)?;
         }
 
         #[test]
@@ -274,7 +280,7 @@ mod properties {
                     blob(&d),
                     manifest_type(&d),
                     tag(up, repo, t),
-                    links(up, repo),
+                    link(up, repo, &d),
                     referrers(up, repo, &d),
                 ]);
             }

@@ -4,11 +4,9 @@
 //! after its upstream confirms it there (one HEAD, then linked). So a layer fetched with
 //! private credentials never leaks through a public name.
 //!
-//! One record per pair (`layout::links`): the digests, one per line. Records live in meta, so
-//! they survive restarts and, on shared storage, every replica sees them. Two replicas adding
-//! to one record at the same moment may lose one addition; the cost is one more HEAD later.
+//! One empty record per link (`layout::link`). Records live in meta, so they survive restarts
+//! and, on shared storage, every replica sees them; writing one never rewrites another.
 
-use std::collections::HashSet;
 use std::io;
 use std::sync::Arc;
 
@@ -18,99 +16,71 @@ use super::backend::Meta;
 use super::layout;
 use crate::oci::{Digest, RepoName};
 
-type Pair = (Arc<str>, RepoName);
+type Link = (Arc<str>, RepoName, Digest);
 
 pub struct Links {
     meta: Arc<dyn Meta>,
-    mem: moka::sync::Cache<Pair, Arc<HashSet<Digest>>>,
-    /// Serialises this process's read-modify-writes of records.
-    write: tokio::sync::Mutex<()>,
+    /// Links known to exist (absence is always read again: another replica may add it).
+    mem: moka::sync::Cache<Link, ()>,
 }
 
-/// Digests held in memory across all pairs (a few tens of MiB at most).
-const MEM_DIGESTS: u64 = 1 << 20;
+/// Links held in memory.
+const MEM_LINKS: u64 = 1 << 20;
 
 impl Links {
     pub fn new(meta: Arc<dyn Meta>) -> Links {
         Links {
             meta,
-            mem: moka::sync::Cache::builder()
-                .weigher(|_, s: &Arc<HashSet<Digest>>| (s.len() + 1).try_into().unwrap_or(u32::MAX))
-                .max_capacity(MEM_DIGESTS)
-                .build(),
-            write: tokio::sync::Mutex::new(()),
+            mem: moka::sync::Cache::new(MEM_LINKS),
         }
     }
 
-    /// Is `digest` linked to (`upstream`, `repo`)? Memory first; a miss there reads the record
-    /// (another replica, or a tool, may have linked it since).
+    /// Is `digest` linked to (`upstream`, `repo`)? Memory first, then its record.
     pub async fn has(
         &self,
         upstream: &Arc<str>,
         repo: &RepoName,
         digest: &Digest,
     ) -> io::Result<bool> {
-        let pair = (upstream.clone(), repo.clone());
-        if self.mem.get(&pair).is_some_and(|s| s.contains(digest)) {
+        let link = (upstream.clone(), repo.clone(), digest.clone());
+        if self.mem.contains_key(&link) {
             return Ok(true);
         }
-        let set = self.load(upstream, repo).await?;
-        let found = set.contains(digest);
-        self.mem.insert(pair, set);
+        let found = self
+            .meta
+            .get(&layout::link(upstream, repo, digest))
+            .await?
+            .is_some();
+        if found {
+            self.mem.insert(link, ());
+        }
         Ok(found)
     }
 
-    /// Links `digests` to (`upstream`, `repo`).
+    /// Links `digests` to (`upstream`, `repo`): one record each, so replicas adding links at
+    /// the same moment never undo each other's.
     pub async fn add(
         &self,
         upstream: &Arc<str>,
         repo: &RepoName,
         digests: impl IntoIterator<Item = Digest>,
     ) -> io::Result<()> {
-        let pair = (upstream.clone(), repo.clone());
-        let new: Vec<Digest> = digests.into_iter().collect();
-        if let Some(s) = self.mem.get(&pair) {
-            if new.iter().all(|d| s.contains(d)) {
-                return Ok(());
-            }
-        }
-        let _w = self.write.lock().await;
-        let mut set = (*self.load(upstream, repo).await?).clone();
-        let before = set.len();
-        set.extend(new);
-        if set.len() != before {
-            let mut text = String::with_capacity(set.len() * 72);
-            let mut sorted: Vec<&Digest> = set.iter().collect();
-            sorted.sort();
-            for d in sorted {
-                text.push_str(&d.to_string());
-                text.push('\n');
+        for d in digests {
+            let link = (upstream.clone(), repo.clone(), d);
+            if self.mem.contains_key(&link) {
+                continue;
             }
             self.meta
-                .put(&layout::links(upstream, repo), Bytes::from(text))
+                .put(&layout::link(upstream, repo, &link.2), Bytes::new())
                 .await?;
+            self.mem.insert(link, ());
         }
-        self.mem.insert(pair, Arc::new(set));
         Ok(())
     }
 
     /// Drops what memory holds (storage changed behind the server's back).
     pub fn forget_all(&self) {
         self.mem.invalidate_all();
-    }
-
-    async fn load(&self, upstream: &str, repo: &RepoName) -> io::Result<Arc<HashSet<Digest>>> {
-        let text = self
-            .meta
-            .get(&layout::links(upstream, repo))
-            .await?
-            .unwrap_or_default();
-        Ok(Arc::new(
-            String::from_utf8_lossy(&text)
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect(),
-        ))
     }
 }
 

@@ -43,6 +43,23 @@ pub async fn serve(
             return Ok(with_outcome(r, Outcome::Hit));
         }
     }
+    // On shared storage, a replica that has nothing of a blob its owner is filling relays the
+    // owner's (verified) stream instead of hashing and writing a copy of its own: the cluster
+    // does the work of a fill once. Its local tier fills from the bucket on a later request.
+    if !ctx.head && state.store.is_tiered() {
+        if let Some(via) = ctx.via(state, &digest.to_string()) {
+            let absent = matches!(state.store.blob(&digest, None).await, Ok(BlobState::Miss))
+                && !state.store.has_blob(&digest).await.unwrap_or(true);
+            if absent {
+                match relay(ctx, &via, &digest).await {
+                    Ok(r) => return Ok(with_outcome(r, Outcome::Miss)),
+                    Err(e) => {
+                        tracing::warn!(digest = %digest, error = %e, "owner replica unavailable; filling here")
+                    }
+                }
+            }
+        }
+    }
     // HEAD never starts a fill, and neither does anything offline (a miss is then a 404).
     let source = (!ctx.head && !ctx.upstream.offline()).then(|| FillSource {
         upstream: ctx.upstream.clone(),
@@ -128,6 +145,47 @@ fn in_use<S: futures_util::Stream + Send + 'static, G: Send + 'static>(
     stream.inspect(move |_| {
         let _ = &guard;
     })
+}
+
+/// The owner's answer to this request (Range included), streamed through. The owner holds its
+/// last byte back until it verified the blob, so a relayed body that ends cleanly is whole.
+async fn relay(
+    ctx: &Ctx,
+    via: &Via,
+    digest: &Digest,
+) -> Result<Response<Body>, crate::cluster::ForwardError> {
+    let mut headers = identity();
+    if let Some(r) = ctx
+        .headers
+        .get(header::RANGE)
+        .filter(|v| v.to_str().ok().and_then(RangeSpec::parse).is_some())
+    {
+        headers.insert(header::RANGE, r.clone());
+    }
+    let req = UpstreamRequest {
+        method: Method::GET,
+        repo: &ctx.repo,
+        path: format!("blobs/{digest}"),
+        query: None,
+        headers,
+        streaming: true,
+    };
+    let resp = via
+        .cluster
+        .forward(&via.owner, ctx.upstream.name(), &req)
+        .await?;
+    let mut b = Response::builder()
+        .status(resp.status())
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::ACCEPT_RANGES, "bytes");
+    for h in [header::CONTENT_LENGTH, header::CONTENT_RANGE] {
+        if let Some(v) = resp.headers().get(&h) {
+            b = b.header(h, v.clone());
+        }
+    }
+    let stream = resp.bytes_stream().map(|r| r.map_err(BoxError::from));
+    Ok(b.body(body::stream(stream)).expect("valid response"))
 }
 
 async fn fill_failed(ctx: &Ctx, digest: &Digest, e: FillError) -> Result<Response<Body>, ApiError> {
