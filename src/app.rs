@@ -26,6 +26,8 @@ use crate::upstream::Upstreams;
 
 /// How often histogram buckets of the metrics recorder are rolled over.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// How often an idle process returns the memory its allocator keeps for streaming (`sys`).
+const MEMORY_RELEASE: Duration = Duration::from_secs(30);
 
 /// After the grace period, how long cancelled fills get to clean up their temp files.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
@@ -344,6 +346,21 @@ impl Server {
         let every = store.generation_check_interval();
         self.tracker
             .spawn(store.watch_generation(every, self.stopping.clone()));
+        // The allocator keeps freed stream buffers for the next fill (`sys`); a process with
+        // nothing streaming gives them back.
+        let store = self.state.store.clone();
+        let stopping = self.stopping.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(MEMORY_RELEASE);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => if store.fills_in_progress() == 0 {
+                        let _ = tokio::task::spawn_blocking(crate::sys::release_memory).await;
+                    },
+                    _ = stopping.cancelled() => break,
+                }
+            }
+        });
         let handle = self.state.metrics.clone();
         let stopping = self.stopping.clone();
         self.tracker.spawn(async move {

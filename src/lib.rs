@@ -27,8 +27,9 @@
 //! detached fill per digest (`cache::fill`) that owns the source stream (the bucket, the
 //! owner replica, or the upstream), and every client reads behind it (`cache::read::follow`).
 
-// `unsafe` is denied everywhere but in one measured hot path: mapping stored blobs for serving
-// (`cache::mapped`, which says why it is sound).
+// `unsafe` is denied everywhere but in two measured hot paths: mapping stored blobs for serving
+// (`cache::mapped`) and the C library calls of `sys` (allocator tuning, disk reservation); each
+// says why it is sound.
 #![deny(unsafe_code)]
 
 pub mod app;
@@ -42,6 +43,7 @@ pub mod http;
 pub mod metrics;
 pub mod oci;
 pub mod server_tls;
+pub mod sys;
 pub mod tls;
 pub mod tools;
 pub mod upstream;

@@ -128,6 +128,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    entrepot::sys::tune_allocator();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {

@@ -1,10 +1,9 @@
 //! The blob fill: one detached task per digest that owns the upstream stream. Upstream bytes
 //! go into a bounded in-memory tail that followers at the live edge read without a copy, while
-//! blocking-pool tasks hash them and write them to a temp file behind. At the end the digest is
+//! a blocking-pool task writes them to a temp file behind and hashes them. At the end the digest is
 //! verified (followers get the last byte only then) and the file committed atomically.
 //! Clients never own a fill: they follow it (see `read::follow`).
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -278,6 +277,15 @@ async fn fill_blob(
         }
     };
     let file = temp.file().clone();
+    if let Some(t) = total {
+        // A blob that cannot fit fails here, before its bytes are fetched (its clients are
+        // then served from the upstream directly), and ext4 allocates its extents at once.
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || crate::sys::reserve(&f, t))
+            .await
+            .map_err(|e| storage_error(io::Error::other(e)))?
+            .map_err(storage_error)?;
+    }
     tx.send_replace(Progress::Streaming {
         file: file.clone(),
         total,
@@ -286,57 +294,44 @@ async fn fill_blob(
 
     let mut hasher = Some(Hasher::new(digest.algorithm()));
     let mut batch: Vec<Bytes> = Vec::new();
-    let mut hashing: Option<Blocking<(Hasher, Vec<Bytes>)>> = None;
-    let mut writing: Option<Blocking<io::Result<u64>>> = None;
-    let mut to_write: VecDeque<Vec<Bytes>> = VecDeque::new();
+    let mut persisting: Option<Blocking<(Hasher, io::Result<u64>)>> = None;
     let mut received: u64 = 0;
     let mut on_disk: u64 = 0;
     let mut eof = false;
-    // Received bytes are readable at once (from the tail); hashing and writing trail behind on
-    // the blocking pool, each one batch at a time, batches being whatever arrived meanwhile.
+    // Received bytes are readable at once (from the tail); writing and hashing trail behind on
+    // the blocking pool, one batch at a time, a batch being whatever arrived meanwhile. Each
+    // chunk is written, then hashed while the write has it in the CPU cache; one task per
+    // batch for both (two tasks cost a thread hand-off each way per batch: measured ~6% of
+    // a cold pull's CPU in BENCHMARKS.md).
     loop {
-        if hashing.is_none() && !batch.is_empty() {
+        if persisting.is_none() && !batch.is_empty() {
             let mut h = hasher
                 .take()
-                .expect("hasher is back when no batch is hashing");
+                .expect("hasher is back when no batch is in progress");
             let chunks = std::mem::take(&mut batch);
-            hashing = Some(tokio::task::spawn_blocking(move || {
+            let f = file.clone();
+            persisting = Some(tokio::task::spawn_blocking(move || {
+                let mut n = 0;
                 for c in &chunks {
+                    if let Err(e) = io::Write::write_all(&mut &*f, c) {
+                        return (h, Err(e));
+                    }
                     h.update(c);
+                    n += c.len() as u64;
                 }
-                (h, chunks)
+                (h, Ok(n))
             }));
         }
-        if writing.is_none() {
-            if let Some(chunks) = to_write.pop_front() {
-                let f = file.clone();
-                writing = Some(tokio::task::spawn_blocking(move || {
-                    let mut n = 0;
-                    for c in &chunks {
-                        io::Write::write_all(&mut &*f, c)?;
-                        n += c.len() as u64;
-                    }
-                    Ok(n)
-                }));
-            }
-        }
-        if eof && hashing.is_none() && writing.is_none() && batch.is_empty() && to_write.is_empty()
-        {
+        if eof && persisting.is_none() && batch.is_empty() {
             break;
         }
         let can_read = !eof && received - on_disk < MAX_UNWRITTEN;
         tokio::select! {
-            r = async { hashing.as_mut().expect("guarded").await }, if hashing.is_some() => {
-                hashing = None;
-                let (h, chunks) = r.map_err(|e| storage_error(io::Error::other(e)))?;
+            r = async { persisting.as_mut().expect("guarded").await }, if persisting.is_some() => {
+                persisting = None;
+                let (h, n) = r.map_err(|e| storage_error(io::Error::other(e)))?;
                 hasher = Some(h);
-                to_write.push_back(chunks);
-            }
-            r = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
-                writing = None;
-                let n = r
-                    .map_err(|e| storage_error(io::Error::other(e)))?
-                    .map_err(storage_error)?;
+                let n = n.map_err(storage_error)?;
                 on_disk += n;
                 fill.wrote(n);
             }

@@ -1,0 +1,125 @@
+//! The few calls into the C library that std does not wrap: tuning glibc's allocator for
+//! streaming (`tune_allocator`, `release_memory`) and reserving a fill's disk space up front
+//! (`reserve`). The only `unsafe` outside `cache::mapped`; each call says why it is sound.
+//!
+//! Why the allocator needs tuning (measured in BENCHMARKS.md, "Where a cold pull's CPU goes"):
+//! the upstream body arrives in hyper read buffers of ~400 KiB, held while followers and the
+//! disk catch up and then freed. With glibc's defaults those buffers come from `mmap` (above
+//! the 128 KiB threshold) or from arena tops that are trimmed back to the kernel as soon as
+//! they free, so every received page was faulted in and zeroed again: ~9% of a cold pull's
+//! CPU. A fixed 4 MiB mmap threshold and a 64 MiB trim threshold keep that memory in the
+//! process for the next buffer; `release_memory` gives it back when nothing is streaming.
+
+use std::fs::File;
+use std::io;
+
+/// Allocations below this size come from the allocator's arenas, never a fresh mapping.
+const MMAP_THRESHOLD: usize = 4 << 20;
+/// Free memory at an arena's top kept for reuse rather than returned at once.
+const TRIM_THRESHOLD: usize = 64 << 20;
+
+/// Sets the allocator's thresholds (see the module doc). Call once, before other threads
+/// start allocating. Harmless where it does not apply.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt only sets glibc's tunables; both values are in range for size_t/int
+    // and glibc validates them. It is called before the runtime's threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int);
+    }
+}
+
+/// Returns free memory kept by the allocator to the kernel (after start-up, and when no fill
+/// is streaming), so a quiet process's RSS is what it uses.
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: malloc_trim takes a padding size and only operates on glibc's own state; it is
+    // thread-safe (it locks each arena in turn).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Reserves `len` bytes of disk for `file` without changing its size, so a blob that will not
+/// fit fails before its bytes are fetched, and the filesystem allocates its extents once
+/// instead of block by block. `Ok` where the filesystem cannot reserve (the write path then
+/// finds out as it goes); `Err` only when it says there is no room (or no quota).
+pub fn reserve(file: &File, len: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(len) = libc::off_t::try_from(len) else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the descriptor is open for writing and owned by `file`, which outlives the
+        // call; fallocate reads nothing from our memory.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                return Err(e);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, len);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_keeps_the_size_and_allocates_the_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        reserve(&file, 8 << 20).unwrap();
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), 0, "the size stays what was written");
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::MetadataExt;
+            // tmpfs and ext4 both allocate; a filesystem that cannot would leave 0 blocks,
+            // which `reserve` accepts, so only check where the test directory allocates.
+            if meta.blocks() > 0 {
+                assert!(meta.blocks() * 512 >= 8 << 20, "blocks: {}", meta.blocks());
+            }
+        }
+        reserve(&file, 0).unwrap();
+    }
+
+    #[test]
+    fn reserve_says_when_the_disk_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        reserve(&file, 1 << 20).unwrap();
+        let reserves = std::os::unix::fs::MetadataExt::blocks(&file.metadata().unwrap()) > 0;
+        // 4 TiB: more than this machine's disk, less than ext4's largest file.
+        match reserve(&file, 4 << 40) {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}"),
+            Ok(()) => assert!(!reserves, "a filesystem that reserves must refuse 4 TiB"),
+        }
+    }
+
+    #[test]
+    fn allocator_calls_are_harmless() {
+        tune_allocator();
+        let v = vec![1u8; 1 << 20];
+        drop(v);
+        release_memory();
+    }
+}
