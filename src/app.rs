@@ -29,8 +29,10 @@ const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 /// How often an idle process returns the memory its allocator keeps for streaming (`sys`).
 const MEMORY_RELEASE: Duration = Duration::from_secs(30);
 
-/// After the grace period, how long cancelled fills get to clean up their temp files.
-const CANCEL_WAIT: Duration = Duration::from_secs(5);
+/// After the grace period, how long cancelled fills get to clean up their temp files. A stop
+/// takes at most `shutdown_grace` + this: deploy/systemd/entrepot.service's TimeoutStopSec
+/// outlasts both (tests/deploy_systemd.rs).
+pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
