@@ -28,6 +28,7 @@ use crate::oci::{Kind, RouteError};
 
 const APP_JS: &str = include_str!("assets/app.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
+const FAVICON_SVG: &str = include_str!("assets/favicon.svg");
 
 /// What the status page keeps per server.
 #[derive(Default)]
@@ -105,6 +106,7 @@ async fn answer<B>(state: &AppState, req: &Request<B>) -> Result<Response<Body>,
             "text/css; charset=utf-8",
             Bytes::from_static(STYLE_CSS.as_bytes()),
         ),
+        "/ui/favicon.svg" => reply("image/svg+xml", Bytes::from_static(FAVICON_SVG.as_bytes())),
         "/ui/api/summary" => json(api::summary(state)),
         "/ui/api/upstreams" => json(api::upstreams(state)),
         "/ui/api/fills" => json(api::fills(state)),
