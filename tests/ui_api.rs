@@ -53,10 +53,10 @@ async fn fill_of(proxy: &Proxy, digest: &str) -> Option<Value> {
 #[tokio::test]
 async fn a_fill_in_progress_shows_its_bytes_growing_its_total_and_its_followers() {
     let up = FakeRegistry::start().await;
-    let layer = Bytes::from(random_bytes(1 << 20, 1));
-    let img = up.push_image("team/app", "v1", &[layer.clone()]);
+    let layer = Bytes::from(random_bytes(2 << 20, 1));
+    let img = up.push_image("team/app", "v1", std::slice::from_ref(&layer));
     let digest = img.layers[0].clone();
-    // 32 KiB every 60 ms: about two seconds for the whole layer.
+    // 32 KiB every 60 ms: about four seconds for the whole layer (room for a slow machine).
     up.set_blob_behavior(
         &digest,
         BlobBehavior::Slow {
@@ -126,7 +126,7 @@ async fn a_fill_in_progress_shows_its_bytes_growing_its_total_and_its_followers(
 async fn a_warm_pull_shows_in_the_hit_ratio_and_the_bytes() {
     let up = FakeRegistry::start().await;
     let layer = Bytes::from(random_bytes(300_000, 2));
-    let img = up.push_image("team/app", "v1", &[layer.clone()]);
+    let img = up.push_image("team/app", "v1", std::slice::from_ref(&layer));
     let proxy = Proxy::start(&upstream("fake", &up.url(), true, "")).await;
     let s = api(&proxy, "/ui/api/summary").await;
     assert_eq!(s["since_start"]["hit_ratio"], Value::Null);

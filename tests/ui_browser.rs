@@ -304,14 +304,14 @@ async fn the_status_page_in_a_browser() {
     let up = FakeRegistry::start().await;
     up.add_response_header("RateLimit-Remaining", "180;w=21600");
     push_index(&up);
-    let slow = up.push_image("team/big", "v1", &[Bytes::from(random_bytes(3 << 20, 30))]);
+    let slow = up.push_image("team/big", "v1", &[Bytes::from(random_bytes(4 << 20, 30))]);
     let slow_layer = slow.layers[0].clone();
-    // 48 KiB every 50 ms: about three seconds for the 3 MiB layer.
+    // 32 KiB every 40 ms: about five seconds for the 4 MiB layer (room for a slow machine).
     up.set_blob_behavior(
         &slow_layer,
         BlobBehavior::Slow {
-            chunk: 48 << 10,
-            delay: Duration::from_millis(50),
+            chunk: 32 << 10,
+            delay: Duration::from_millis(40),
         },
     );
     let config = format!(
@@ -385,7 +385,7 @@ async fn scenario(chromium: &Chromium, proxy: &Proxy, slow_layer: &str) -> Resul
         Ok(first[0].as_f64().is_some_and(|v| v > 0.0))
     })
     .await?;
-    assert_eq!(first[1].as_f64(), Some((3 << 20) as f64), "{first}");
+    assert_eq!(first[1].as_f64(), Some((4 << 20) as f64), "{first}");
     let text = page
         .eval("document.querySelector('#fill-list .fill').textContent")
         .await?;

@@ -378,13 +378,29 @@ pub async fn image(state: &AppState, query: &str) -> Result<Value, ApiError> {
     let s = snapshot(state).await?;
     let digest = match &reference {
         Reference::Digest(d) => d.clone(),
-        Reference::Tag(t) => s
-            .inv
-            .tags
-            .iter()
-            .find(|r| r.upstream == up && r.repo == repo.as_str() && r.tag == t.as_str())
-            .map(|r| r.digest.clone())
-            .ok_or(ApiError::ManifestUnknown)?,
+        Reference::Tag(t) => {
+            let listed = s
+                .inv
+                .tags
+                .iter()
+                .find(|r| r.upstream == up && r.repo == repo.as_str() && r.tag == t.as_str())
+                .map(|r| r.digest.clone());
+            // A tag stored since the listing: from the tag index (the store, not the upstream).
+            let name = state.upstreams.all().iter().find(|u| **u.name() == *up);
+            match (listed, name) {
+                (Some(d), _) => d,
+                (None, Some(u)) => {
+                    state
+                        .store
+                        .tags
+                        .get(u.name(), &repo, t)
+                        .await
+                        .ok_or(ApiError::ManifestUnknown)?
+                        .digest
+                }
+                (None, None) => return Err(ApiError::ManifestUnknown),
+            }
+        }
     };
     let store = &state.store;
     let top = store

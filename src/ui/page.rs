@@ -97,7 +97,7 @@ fn usage_meter(out: &mut String, label: &str, used: &Value, max: &Value) {
 }
 
 fn image_table(out: &mut String, title: &str, rows: &Value) {
-    let _ = write!(out, "<h3>{}</h3>\n", escape(title));
+    let _ = writeln!(out, "<h3>{}</h3>", escape(title));
     let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
     if rows.is_empty() {
         out.push_str("<p class=\"empty\">no image stored</p>\n");
