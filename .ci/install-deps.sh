@@ -7,8 +7,9 @@
 #   apache2-utils    htpasswd, for a docker-registry upstream with basic auth
 #   openssl          keys and certificates for a docker-registry behind a token service
 #   systemd          systemd-analyze, which checks deploy/systemd/entrepot.service
+#   chromium         the headless browser tests/ui_browser.rs drives (the status page)
 # Idempotent (see apt-install.sh).
 set -euo pipefail
 exec bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" install-deps \
     docker-registry=docker-registry skopeo=skopeo containerd=ctr podman=podman \
-    apache2-utils=htpasswd openssl=openssl systemd=systemd-analyze
+    apache2-utils=htpasswd openssl=openssl systemd=systemd-analyze chromium=chromium

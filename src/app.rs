@@ -153,6 +153,7 @@ impl Server {
                 manifest_flights: Default::default(),
                 metrics,
                 cluster,
+                ui: Default::default(),
             }),
             clock,
             tracker,
@@ -377,7 +378,8 @@ impl Server {
     }
 }
 
-/// The operator listener: `/metrics`, `/healthz`, `/readyz`, nothing else.
+/// The operator listener: `/metrics`, `/healthz`, `/readyz`, `/pins` and the status page
+/// (`/ui/`), nothing else.
 async fn serve_admin(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -403,11 +405,16 @@ async fn serve_admin(
             async move {
                 let head = req.method() == hyper::Method::HEAD;
                 let (parts, body) = req.into_parts();
-                let served =
-                    http::admin::serve(&state, &parts.method, parts.uri.path(), move || {
-                        http::read_small_body(body)
-                    })
-                    .await;
+                let req = hyper::Request::from_parts(parts, ());
+                let served = match crate::ui::serve(&state, &req).await {
+                    Some(r) => Some(r),
+                    None => {
+                        http::admin::serve(&state, req.method(), req.uri().path(), move || {
+                            http::read_small_body(body)
+                        })
+                        .await
+                    }
+                };
                 let resp = match served {
                     Some(r) => r,
                     None => crate::error::ApiError::Route(crate::oci::RouteError::NotFound)

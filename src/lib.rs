@@ -20,6 +20,7 @@
 //! auth/        client authentication (htpasswd, client certificates) and the read policy
 //! cluster/     replicas: membership, rendezvous ownership, signed one-hop forwards
 //! tools/       beside the server: prefetch, export/import bundles, `cache ls|rm|verify|gc`
+//! ui/          the read-only status page (`/ui/`) and its JSON API, with the counters it shows
 //! ```
 //!
 //! A blob request goes router → access policy → `http::blobs` → `Store::blob`: a hit is served
@@ -46,6 +47,7 @@ pub mod server_tls;
 pub mod sys;
 pub mod tls;
 pub mod tools;
+pub mod ui;
 pub mod upstream;
 
 pub use app::Server;

@@ -173,6 +173,34 @@ impl Auth {
         }
     }
 
+    /// May this client see the status page (`/ui/`)? It names every cached repository, so it
+    /// takes more than any one read: a user or certificate common name that some rule names
+    /// (`anonymous = true` names nobody), or, when every rule lets anyone read, anyone. Wrong
+    /// credentials are refused as for a read.
+    pub async fn check_status_page(
+        &self,
+        headers: &HeaderMap,
+        extensions: &Extensions,
+    ) -> Result<(), Refusal> {
+        let policy = &self.inner.policy;
+        if policy.anonymous_everywhere() {
+            return Ok(());
+        }
+        let cert = extensions
+            .get::<ClientCert>()
+            .map(|c| c.common_name.as_str());
+        if cert.is_some_and(|cn| policy.names(cn)) {
+            return Ok(());
+        }
+        match (self.authenticate(headers).await?, cert) {
+            (Some(user), _) if policy.names(&user) => Ok(()),
+            (Some(_), _) | (None, Some(_)) => Err(Refusal::NotAllowed),
+            (None, None) => Err(Refusal::NoCredentials {
+                realm: self.inner.realm.clone(),
+            }),
+        }
+    }
+
     /// `GET /v2/`: credentials presented must be right (so `docker login` means something).
     /// Without any, it answers 200 when a certificate was presented or some rule lets anyone
     /// read, and 401 otherwise (so clients that probe `/v2/` send credentials).

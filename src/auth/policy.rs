@@ -237,6 +237,18 @@ impl Policy {
         self.anonymous_somewhere
     }
 
+    /// Whether there are rules and every one lets anyone read.
+    pub fn anonymous_everywhere(&self) -> bool {
+        !self.rules.is_empty() && self.rules.iter().all(Rule::anonymous)
+    }
+
+    /// Whether some rule lists `user` by name (`anonymous = true` lists nobody).
+    pub fn names(&self, user: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(&r.readers, Readers::Users(u) if u.iter().any(|x| x == user)))
+    }
+
     /// Whether some rule lets a listed user read (then credentials may open more).
     pub fn users_somewhere(&self) -> bool {
         self.users_somewhere

@@ -100,6 +100,18 @@ pub struct Fill {
     tail: Mutex<Tail>,
     /// Requests served by this fill: the one that started it and every one that joined.
     requests: AtomicU64,
+    /// Clients reading it now (see [`Following`]), and when it began: for the status page.
+    followers: AtomicU64,
+    began: std::time::Instant,
+}
+
+/// Held by each client reading a fill; counts it among the fill's live followers until dropped.
+pub struct Following(Arc<Fill>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Written bytes kept in memory for followers at the live edge.
@@ -124,6 +136,22 @@ impl Fill {
     /// How many requests this fill has served so far (the first and every joiner).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Clients reading this fill right now.
+    pub fn followers(&self) -> u64 {
+        self.followers.load(Ordering::Relaxed)
+    }
+
+    /// When the fill began.
+    pub fn began(&self) -> std::time::Instant {
+        self.began
+    }
+
+    /// Counts one live follower until the returned guard is dropped.
+    pub(super) fn following(self: &Arc<Self>) -> Following {
+        self.followers.fetch_add(1, Ordering::Relaxed);
+        Following(self.clone())
     }
 
     /// Counts one more request following this fill.
@@ -207,6 +235,8 @@ fn new_fill_with(
         temp_name: std::sync::OnceLock::new(),
         tail: Mutex::new(Tail::new(keep)),
         requests: AtomicU64::new(0),
+        followers: AtomicU64::new(0),
+        began: std::time::Instant::now(),
     });
     (fill, tx)
 }
@@ -346,6 +376,7 @@ async fn fill_blob(
                     }
                     if origin == Origin::Upstream {
                         crate::metrics::upstream_bytes(up.name(), c.len() as u64);
+                        up.stats().fetched(c.len() as u64);
                     }
                     received += c.len() as u64;
                     fill.receive(c.clone());

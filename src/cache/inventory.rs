@@ -65,6 +65,53 @@ impl Inventory {
     }
 }
 
+/// One image as `entrepot cache ls` and the status page list it: a tag, or a stored image no
+/// tag points at.
+#[derive(Debug, Clone)]
+pub struct ImageRow {
+    /// `None`: untagged.
+    pub tag: Option<TagRef>,
+    pub digest: Digest,
+    /// The bytes of its closure that are in the store.
+    pub size: u64,
+    /// The latest use of any of its parts (a use stamp); `None` when nothing of it is stored.
+    pub last_used: Option<u64>,
+    /// Its manifest is stored (a tag can outlive it).
+    pub complete: bool,
+}
+
+impl Inventory {
+    /// Every tag with its image, then every image no tag points at.
+    pub fn images(&self, usage: &super::usage::Usage) -> Vec<ImageRow> {
+        let row = |tag: Option<TagRef>, d: &Digest| {
+            let closure = self.closure(d);
+            ImageRow {
+                size: closure
+                    .iter()
+                    .filter_map(|x| self.blobs.get(x))
+                    .map(|(s, _)| s)
+                    .sum(),
+                last_used: closure.iter().map(|x| usage.last_use_in(self, x)).max(),
+                complete: self.manifests.contains_key(d),
+                tag,
+                digest: d.clone(),
+            }
+        };
+        let mut out: Vec<ImageRow> = self
+            .tags
+            .iter()
+            .map(|t| row(Some(t.clone()), &t.digest))
+            .collect();
+        let tagged: HashSet<&Digest> = self.tags.iter().map(|t| &t.digest).collect();
+        for root in self.roots() {
+            if !tagged.contains(&root) {
+                out.push(row(None, &root));
+            }
+        }
+        out
+    }
+}
+
 /// The digests a manifest or index references: config, layers, platform manifests (and
 /// schema 1's fsLayers). `subject` is not followed: a signature does not own its image.
 pub fn references(body: &[u8]) -> Vec<Digest> {

@@ -503,7 +503,7 @@ impl Store {
                 self.usage.entries().saturating_sub(plan.blobs.len() as u64),
             );
         }
-        crate::metrics::evicted(plan.blobs.len() as u64, plan.freed);
+        self.usage.evicted(plan.blobs.len() as u64, plan.freed);
         Ok(())
     }
 
@@ -574,6 +574,18 @@ impl Store {
                 .map_err(|e| io::Error::new(e.kind(), format!("shared storage: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The fills running now (for the status page), oldest first.
+    pub fn fills_now(&self) -> Vec<Arc<Fill>> {
+        let mut all: Vec<Arc<Fill>> = self.fills.lock().unwrap().values().cloned().collect();
+        all.sort_by_key(|f| f.began());
+        all
+    }
+
+    /// The configured bound of the store (with shared storage: of the local tier).
+    pub fn max_size(&self) -> Option<u64> {
+        self.max_size
     }
 
     /// Number of fills running now.

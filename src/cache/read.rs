@@ -65,6 +65,8 @@ struct Follower {
     chunk: u64,
     /// Set when the store failed mid-fill: the rest comes straight from upstream.
     bypass: Option<futures_util::stream::BoxStream<'static, Result<Bytes, BoxError>>>,
+    /// Counts this reader among the fill's live followers (the status page shows them).
+    _following: super::fill::Following,
 }
 
 /// The bytes `start..end` (or `start..` the end of the blob) of a fill in progress, read from its
@@ -87,6 +89,7 @@ fn follow_in_chunks(
 ) -> impl Stream<Item = Result<Bytes, BoxError>> + Send {
     let rx = fill.subscribe();
     let st = Follower {
+        _following: fill.following(),
         fill,
         rx,
         pos: start,

@@ -107,7 +107,7 @@ impl Store {
             self.usage.bytes().saturating_sub(freed),
             self.usage.entries().saturating_sub(digests.len() as u64),
         );
-        crate::metrics::evicted(digests.len() as u64, freed);
+        self.usage.evicted(digests.len() as u64, freed);
         Ok(())
     }
 

@@ -32,6 +32,17 @@ pub struct Usage {
     last_stamp: AtomicU64,
     dirty: AtomicBool,
     readers: Mutex<HashMap<Digest, usize>>,
+    /// The last eviction (or removal) that freed something, for the status page.
+    last_eviction: Mutex<Option<Eviction>>,
+}
+
+/// One eviction run that removed blobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eviction {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    pub blobs: u64,
+    pub bytes: u64,
 }
 
 /// Held while a client reads a blob; the blob is not evicted meanwhile.
@@ -127,6 +138,23 @@ impl Usage {
         for d in digests {
             a.remove(d);
         }
+    }
+
+    /// `blobs` blobs of `bytes` in all were evicted (from the store, or the local tier).
+    pub fn evicted(&self, blobs: u64, bytes: u64) {
+        crate::metrics::evicted(blobs, bytes);
+        if blobs > 0 {
+            *self.last_eviction.lock().unwrap() = Some(Eviction {
+                at_ms: unix_now_ms(),
+                blobs,
+                bytes,
+            });
+        }
+    }
+
+    /// The last eviction that removed something since the process started.
+    pub fn last_eviction(&self) -> Option<Eviction> {
+        *self.last_eviction.lock().unwrap()
     }
 
     /// Exact totals from a scan of the store.

@@ -138,6 +138,18 @@ impl Cluster {
             .count()
     }
 
+    /// Every member's base URL and health, and whether it is this replica (the status page).
+    pub fn members(&self) -> Vec<(Arc<str>, Health, bool)> {
+        let t = self.table.lock().unwrap();
+        let mut out: Vec<_> = t
+            .members
+            .iter()
+            .map(|(u, h)| (u.clone(), *h, Some(u) == t.me.as_ref()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// A forward could not connect: keys go elsewhere until a probe finds it up again.
     fn mark_down(&self, url: &str) {
         let mut t = self.table.lock().unwrap();

@@ -59,6 +59,8 @@ pub struct RequestInfo {
     /// The tag or digest asked for.
     pub reference: Option<String>,
     pub started: Instant,
+    /// The status page's savings counters, fed when the request ends.
+    pub savings: Arc<crate::ui::stats::Savings>,
 }
 
 /// A request id unique within this process and unlikely to repeat across restarts.
@@ -157,6 +159,9 @@ impl Drop for LoggedBody {
             self.status,
             self.bytes,
         );
+        if i.upstream.is_some() {
+            i.savings.record(self.outcome, self.bytes);
+        }
         tracing::info!(
             target: "entrepot::access",
             request_id = %i.request_id,

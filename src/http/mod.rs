@@ -35,6 +35,8 @@ pub struct AppState {
     pub admin_on_main: bool,
     /// The other replicas (`[cluster]`).
     pub cluster: Option<Arc<Cluster>>,
+    /// The status page's counters and its cached view of the store.
+    pub ui: crate::ui::Ui,
 }
 
 /// One proxied request after routing.
@@ -100,15 +102,21 @@ where
         repository: None,
         reference: None,
         started: Instant::now(),
+        savings: state.ui.savings.clone(),
     };
     let head = req.method() == Method::HEAD;
     let (parts, body) = req.into_parts();
     let req = Request::from_parts(parts, ());
     let admin = if state.admin_on_main && !info.path.starts_with("/v2") {
-        admin::serve(&state, req.method(), &info.path, move || {
-            read_small_body(body)
-        })
-        .await
+        match crate::ui::serve(&state, &req).await {
+            Some(r) => Some(r),
+            None => {
+                admin::serve(&state, req.method(), &info.path, move || {
+                    read_small_body(body)
+                })
+                .await
+            }
+        }
     } else {
         None
     };

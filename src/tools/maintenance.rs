@@ -100,50 +100,32 @@ fn when(stamp_ms: u64) -> String {
 /// `cache ls`: every tag (and untagged image) with its size and last use.
 pub fn ls(t: &Target, out: &mut impl io::Write) -> Result<(), MaintenanceError> {
     let (store, inv) = run(t.open())?;
-    let usage = &store.usage;
     writeln!(
         out,
         "{:<40} {:<20} {:<19} {:>10}  LAST USED",
         "REPOSITORY", "TAG", "DIGEST", "SIZE"
     )?;
-    let mut tagged = HashSet::new();
-    let image_line =
-        |name: String, tag: &str, d: &Digest, out: &mut dyn io::Write| -> io::Result<()> {
-            let closure = inv.closure(d);
-            let size: u64 = closure
-                .iter()
-                .filter_map(|x| inv.blobs.get(x))
-                .map(|(s, _)| s)
-                .sum();
-            let used = closure.iter().map(|x| usage.last_use_in(&inv, x)).max();
-            let complete = if inv.manifests.contains_key(d) {
-                ""
-            } else {
-                " (manifest not stored)"
-            };
-            writeln!(
-                out,
-                "{:<40} {:<20} {:<19} {:>10}  {}{complete}",
-                name,
-                tag,
-                format!("{}:{}", d.algorithm().as_str(), &d.hex()[..12]),
-                human_size(size),
-                used.map_or_else(|| "-".to_string(), when),
-            )
+    for img in inv.images(&store.usage) {
+        let name = img.tag.as_ref().map_or_else(
+            || "<untagged>".to_string(),
+            |t| format!("{}/{}", t.upstream, t.repo),
+        );
+        let tag = img.tag.as_ref().map_or("-", |t| t.tag.as_str());
+        let complete = if img.complete {
+            ""
+        } else {
+            " (manifest not stored)"
         };
-    for tag in &inv.tags {
-        tagged.insert(tag.digest.clone());
-        image_line(
-            format!("{}/{}", tag.upstream, tag.repo),
-            &tag.tag,
-            &tag.digest,
+        let d = &img.digest;
+        writeln!(
             out,
+            "{:<40} {:<20} {:<19} {:>10}  {}{complete}",
+            name,
+            tag,
+            format!("{}:{}", d.algorithm().as_str(), &d.hex()[..12]),
+            human_size(img.size),
+            img.last_used.map_or_else(|| "-".to_string(), when),
         )?;
-    }
-    for root in inv.roots() {
-        if !tagged.contains(&root) {
-            image_line("<untagged>".to_string(), "-", &root, out)?;
-        }
     }
     writeln!(
         out,

@@ -37,6 +37,8 @@ pub struct Upstream {
     clock: Clock,
     auth: AuthState,
     offline: bool,
+    /// What the status page shows of this upstream (fed beside the metrics).
+    stats: crate::ui::stats::UpstreamStats,
 }
 
 impl Upstream {
@@ -60,6 +62,7 @@ impl Upstream {
             clock,
             auth: AuthState::default(),
             offline,
+            stats: Default::default(),
         })
     }
 
@@ -74,6 +77,11 @@ impl Upstream {
 
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
+    }
+
+    /// Its recent exchanges, errors and rate limit, for the status page.
+    pub fn stats(&self) -> &crate::ui::stats::UpstreamStats {
+        &self.stats
     }
 
     pub fn error(&self, kind: UpstreamErrorKind) -> UpstreamError {
@@ -133,6 +141,7 @@ impl Upstream {
             Err(_) => None,
         };
         metrics::upstream_request(&self.name, status, took);
+        self.stats.exchange(status, took, result.as_ref().err());
         if let Err(kind) = result {
             let label = match kind {
                 UpstreamErrorKind::NotFound => return,
@@ -201,6 +210,7 @@ impl Upstream {
             }
             if let Some(remaining) = ratelimit_remaining(resp.headers()) {
                 metrics::ratelimit_remaining(&self.name, remaining);
+                self.stats.ratelimit(remaining);
             }
             return classify(resp);
         }

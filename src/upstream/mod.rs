@@ -85,6 +85,11 @@ impl Upstreams {
         Ok(Upstreams { list })
     }
 
+    /// Every configured upstream, in configuration order.
+    pub fn all(&self) -> &[Arc<Upstream>] {
+        &self.list
+    }
+
     fn by_name(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.list.iter().find(|u| u.config().matches(name))
     }
