@@ -71,7 +71,10 @@ async fn with_replicas_on_a_bucket_the_store_shows_tier_bucket_and_peer_health()
         last["local_tier"].is_object(),
         "the local tier apart from the bucket: {last}"
     );
-    assert!(last["local_tier"]["used_bytes"].as_u64().is_some(), "{last}");
+    assert!(
+        last["local_tier"]["used_bytes"].as_u64().is_some(),
+        "{last}"
+    );
     let members = last["cluster"]["members"].as_array().unwrap();
     assert_eq!(members.len(), 2, "{last}");
     assert!(members.iter().all(|m| m["health"] == "up"), "{last}");
