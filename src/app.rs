@@ -153,6 +153,7 @@ impl Server {
                 manifest_flights: Default::default(),
                 metrics,
                 cluster,
+                fanouts: crate::cluster::fanout::Fanouts::new(tracker.clone()),
                 ui: Default::default(),
             }),
             clock,

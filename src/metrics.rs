@@ -29,6 +29,7 @@ const BUCKET_FILLS: &str = "entrepot_bucket_fills_total";
 pub const CLUSTER_FORWARDED: &str = "entrepot_cluster_forwarded_total";
 pub const CLUSTER_SERVED_FOR_PEER: &str = "entrepot_cluster_served_for_peer_total";
 pub const CLUSTER_LOCAL_FALLBACK: &str = "entrepot_cluster_local_fallback_total";
+pub const CLUSTER_RELAY_STREAMS: &str = "entrepot_cluster_relay_streams_total";
 pub const CLUSTER_PEERS_HEALTHY: &str = "entrepot_cluster_peers_healthy";
 pub const TLS_RELOADS: &str = "entrepot_tls_reloads_total";
 pub const TLS_RELOAD_FAILURES: &str = "entrepot_tls_reload_failures_total";
@@ -144,6 +145,10 @@ fn describe() {
         "Requests answered for another replica (signed forwards)."
     );
     describe_counter!(
+        CLUSTER_RELAY_STREAMS,
+        "Streams opened to an owner replica to relay a blob held nowhere here (kind: shared by this replica's clients, range, resume of a client that fell behind)."
+    );
+    describe_counter!(
         CLUSTER_LOCAL_FALLBACK,
         "Forwards that failed (owner unreachable, slow or failing): served from here instead."
     );
@@ -237,6 +242,10 @@ pub fn cluster_forwarded() {
 
 pub fn cluster_served_for_peer() {
     counter!(CLUSTER_SERVED_FOR_PEER).increment(1);
+}
+
+pub fn cluster_relay_stream(kind: &'static str) {
+    counter!(CLUSTER_RELAY_STREAMS, "kind" => kind).increment(1);
 }
 
 pub fn cluster_fallback() {

@@ -116,15 +116,38 @@ async fn a_cold_layer_pulled_through_three_replicas_on_one_bucket_costs_one_upst
         .filter(|r| r.method == "GET" && r.target.contains(&layer.digest))
         .collect();
     assert_eq!(gets.len(), 1, "upstream GETs of the layer: {gets:#?}");
-    // The other two replicas followed the owner's fill; none had to fall back.
+    // The other two replicas followed the owner's fill; none had to fall back. Each relayed
+    // it to its clients on one shared stream (plus its Range client's own, and a stream of
+    // their own for any client that fell behind), not one stream per client (16).
     let owner = owner_of(&replicas, &layer.digest);
-    assert!(
-        replicas[owner]
-            .metric("entrepot_cluster_served_for_peer_total")
-            .await
-            .unwrap()
-            >= 1.0
+    let served = replicas[owner]
+        .metric("entrepot_cluster_served_for_peer_total")
+        .await
+        .unwrap();
+    let mut streams = [0.0; 3];
+    for r in replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != owner)
+        .map(|(_, r)| r)
+    {
+        for (k, kind) in ["shared", "range", "resume"].iter().enumerate() {
+            let label = format!("kind=\"{kind}\"");
+            streams[k] += r
+                .metric_labelled("entrepot_cluster_relay_streams_total", &label)
+                .await
+                .unwrap();
+        }
+    }
+    let [shared, ranges, resumes] = streams;
+    assert_eq!(shared, 2.0, "one shared stream per other replica");
+    assert_eq!(ranges, 2.0, "the Range clients of the other two replicas");
+    assert_eq!(
+        served,
+        shared + ranges + resumes,
+        "the owner served exactly the relay streams"
     );
+    assert!(served < 16.0, "{served} owner streams for 16 clients");
     assert!(sum_metric(&replicas, "entrepot_cluster_forwarded_total").await >= 1.0);
     assert_eq!(
         sum_metric(&replicas, "entrepot_cluster_local_fallback_total").await,

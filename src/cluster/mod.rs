@@ -5,6 +5,7 @@
 //! is always served where it lands (one hop at most). An owner that cannot be reached costs a
 //! local fill, never an error.
 
+pub mod fanout;
 mod members;
 pub mod rendezvous;
 mod signing;

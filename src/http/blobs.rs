@@ -51,7 +51,12 @@ pub async fn serve(
             let absent = matches!(state.store.blob(&digest, None).await, Ok(BlobState::Miss))
                 && !state.store.has_blob(&digest).await.unwrap_or(true);
             if absent {
-                match relay(ctx, &via, &digest).await {
+                let relayed = if range.is_none() {
+                    shared_relay(state, ctx, via, &digest).await
+                } else {
+                    relay(ctx, &via, &digest).await
+                };
+                match relayed {
                     Ok(r) => return Ok(with_outcome(r, Outcome::Miss)),
                     Err(e) => {
                         tracing::warn!(digest = %digest, error = %e, "owner replica unavailable; filling here")
@@ -147,6 +152,32 @@ fn in_use<S: futures_util::Stream + Send + 'static, G: Send + 'static>(
     })
 }
 
+/// The whole blob from the owner, on the stream this replica's clients share
+/// (`cluster::fanout`): the owner serves one stream per replica, not one per client.
+async fn shared_relay(
+    state: &AppState,
+    ctx: &Ctx,
+    via: Via,
+    digest: &Digest,
+) -> Result<Response<Body>, crate::cluster::ForwardError> {
+    let source = crate::cluster::fanout::Source {
+        via,
+        upstream: ctx.upstream.name().to_string(),
+        repo: ctx.repo.clone(),
+        digest: digest.clone(),
+    };
+    let (total, stream) = state.fanouts.whole(source).await?;
+    let mut b = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::ACCEPT_RANGES, "bytes");
+    if let Some(n) = total {
+        b = b.header(header::CONTENT_LENGTH, n);
+    }
+    Ok(b.body(body::stream(stream)).expect("valid response"))
+}
+
 /// The owner's answer to this request (Range included), streamed through. The owner holds its
 /// last byte back until it verified the blob, so a relayed body that ends cleanly is whole.
 async fn relay(
@@ -170,6 +201,7 @@ async fn relay(
         headers,
         streaming: true,
     };
+    crate::metrics::cluster_relay_stream("range");
     let resp = via
         .cluster
         .forward(&via.owner, ctx.upstream.name(), &req)

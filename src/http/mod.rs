@@ -35,6 +35,8 @@ pub struct AppState {
     pub admin_on_main: bool,
     /// The other replicas (`[cluster]`).
     pub cluster: Option<Arc<Cluster>>,
+    /// Owner streams shared by this replica's clients (`[cluster]` on shared storage).
+    pub fanouts: crate::cluster::fanout::Fanouts,
     /// The status page's counters and its cached view of the store.
     pub ui: crate::ui::Ui,
 }

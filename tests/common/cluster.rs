@@ -158,6 +158,24 @@ impl Replica {
     }
 }
 
+impl Replica {
+    /// The sum of the series of `name` whose labels include `label` (e.g. `kind="shared"`).
+    pub async fn metric_labelled(&self, name: &str, label: &str) -> Result<f64> {
+        let text = super::client()
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let series: String = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        Ok(metric_sum(&series, name))
+    }
+}
+
 /// The sum of the values of every series of `name` in a Prometheus text exposition.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
