@@ -1,7 +1,9 @@
 //! `cargo bench --bench compare`: entrepot side by side with CNCF distribution's proxy mode and
 //! with nginx serving the same files, on loopback, against one real upstream (issue 4); both
 //! proxies again with their stores in a bucket of one Garage node (issue 10); and both as several
-//! replicas on one bucket against one replica (issue 11).
+//! replicas on one bucket against one replica (issue 11); and cold pulls at the machine's limit
+//! (issue 13): the proxies' CPU per GiB, a 16 MiB layer, and a shaped link (1 Gbit/s, 2 ms each
+//! way) between each proxy and the upstream.
 //!
 //! # Layout
 //!
@@ -18,14 +20,19 @@
 //! Cluster scenario (`cluster`), a relay to the upstream and one to Garage per replica:
 //! upstream ◄─ relay i ◄─ entrepot replica i ([cluster], bucket "entrepot") ◄─ clients i, i+N, …
 //! Garage   ◄─ relay i ◄─┘   (and the same with N distribution proxies on bucket "distribution")
+//!
+//! Shaped scenario (`shaped`): a shaping relay in front of each counting relay.
+//! upstream ◄─ relay ◄─ shaped link ◄─ entrepot / distribution ◄─ clients
+//!          ◄─ relay ◄─ shaped link ◄──────────────────────────── clients (direct)
 //! ```
 //!
 //! Each relay counts what crosses it, so upstream bytes and requests, and what each proxy sends
 //! to and reads from its bucket, are measured on the wire. Every scenario runs the peers one at
 //! a time, alternating their order round by round, and the report gives medians and ratios
-//! (entrepot ÷ peer) against the targets of issues 4, 10 and 11, in three tables that go into
-//! three blocks of BENCHMARKS.md. Sizes and rounds come from `COMPARE_*` variables (see
-//! [`Settings::from_env`]); `COMPARE_QUICK=1` is a small, one-round run for iterating.
+//! (entrepot ÷ peer) against the targets of issues 4, 10, 11 and 13, in four tables that go
+//! into four blocks of BENCHMARKS.md (`cold1` feeds two: issue 4's and issue 13's). Sizes and
+//! rounds come from `COMPARE_*` variables (see [`Settings::from_env`]); `COMPARE_QUICK=1` is a
+//! small, one-round run for iterating.
 
 mod support;
 
@@ -44,22 +51,30 @@ use anyhow::{bail, ensure, Context, Result};
 use support::{
     cluster,
     garage::{self, Garage},
+    limits::ShapedLinks,
     load,
     procs::{self, ChildGuard, RegistryStorage, Server},
     relay::{Counts, Relay},
     report::{self, Goal, Row, Subject, Unit},
     seed::{self, Seeded, OCI_MANIFEST},
+    shaped::Shape,
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * MIB;
+
+/// How long a proxy's CPU is still counted after its relays fell quiet (750 ms without a byte):
+/// its work after the transfer, such as the fsync and the commit, ends within it.
+const CPU_TAIL: Duration = Duration::from_millis(300);
 
 /// The scenarios, by the names `COMPARE_ONLY` and the bench's arguments select them with:
 /// those of issue 4 (filesystem backend), then those of issue 10 (`s3…`, the s3 backend on
-/// Garage), then issue 11's (`cluster`: several replicas on one bucket). `s3` selects the three
-/// of issue 10.
-const SCENARIOS: [&str; 11] = [
+/// Garage), then issue 11's (`cluster`: several replicas on one bucket), then issue 13's
+/// (`cold1m`: a 16 MiB layer; `shaped`: over a shaped link; `cold1` reports to issue 13 too).
+/// `s3` selects the three of issue 10.
+const SCENARIOS: [&str; 13] = [
     "cold1", "cold16", "warm8", "small", "tag", "digest", "startup", "s3cold1", "s3cold16",
-    "s3warm8", "cluster",
+    "s3warm8", "cluster", "cold1m", "shaped",
 ];
 
 /// The report a scenario's rows go to, each a table and a block of BENCHMARKS.md of its own.
@@ -71,17 +86,29 @@ enum Block {
     S3,
     /// Issue 11: both proxies as several replicas on one Garage bucket, against one replica.
     Cluster,
+    /// Issue 13: cold pulls at the machine's limit (CPU per GiB, 16 MiB, a shaped link).
+    Limits,
 }
 
 impl Block {
+    const ALL: [Block; 4] = [Block::Fs, Block::S3, Block::Cluster, Block::Limits];
+
+    /// The block a scenario belongs to (and whose time it counts in).
     fn of(scenario: &str) -> Self {
         if scenario.starts_with("s3") {
             Block::S3
         } else if scenario == "cluster" {
             Block::Cluster
+        } else if scenario == "cold1m" || scenario == "shaped" {
+            Block::Limits
         } else {
             Block::Fs
         }
+    }
+
+    /// Whether the scenario reports rows to the block: its own, and issue 13's of `cold1`.
+    fn holds(self, scenario: &str) -> bool {
+        Block::of(scenario) == self || (self == Block::Limits && scenario == "cold1")
     }
 
     /// Whether the block's scenarios need Garage (and so `.ci/install-garage.sh`).
@@ -90,7 +117,7 @@ impl Block {
     }
 
     fn scenarios(self) -> impl Iterator<Item = &'static str> {
-        SCENARIOS.into_iter().filter(move |s| Block::of(s) == self)
+        SCENARIOS.into_iter().filter(move |s| self.holds(s))
     }
 }
 
@@ -99,9 +126,15 @@ struct Settings {
     quick: bool,
     /// Size of the big layer (cold and warm pulls).
     blob: u64,
+    /// Size of the medium layer (`cold1m`).
+    medium: u64,
+    /// The link of the `shaped` scenario.
+    shape: Shape,
     /// Size of the small blob (request rate).
     small: u64,
     rounds: usize,
+    /// Rounds of `cold1m`: three times `rounds`, its pulls being short.
+    medium_rounds: usize,
     /// Duration of each wrk run.
     wrk_secs: u64,
     wrk_threads: usize,
@@ -128,7 +161,9 @@ struct Settings {
 
 impl Settings {
     /// `COMPARE_QUICK=1` small sizes and one round; `COMPARE_BLOB_MIB` (256), `COMPARE_SMALL_KIB`
-    /// (100), `COMPARE_ROUNDS` (3), `COMPARE_WRK_SECS` (8), `COMPARE_CONNECTIONS` (64),
+    /// (100), `COMPARE_MEDIUM_MIB` (16) for `cold1m`, `COMPARE_SHAPE_MBIT` (1000) and
+    /// `COMPARE_SHAPE_DELAY_MS` (2, each way) for `shaped`, `COMPARE_ROUNDS` (3; `cold1m` runs
+    /// three times as many), `COMPARE_WRK_SECS` (8), `COMPARE_CONNECTIONS` (64),
     /// `COMPARE_COLD_CLIENTS` (16), `COMPARE_WARM_CLIENTS` (8), `COMPARE_STARTUP_BLOBS` (100000),
     /// `COMPARE_REPLICAS` (3) and `COMPARE_CLUSTER_CLIENTS` (24) for the cluster scenario,
     /// `COMPARE_ONLY=cold1,tag,...` (or scenario names as arguments; `s3` for the three S3
@@ -157,6 +192,13 @@ impl Settings {
             "COMPARE_BLOB_MIB",
         )?;
         let small_kib: u64 = num(var("COMPARE_SMALL_KIB"), 100, "COMPARE_SMALL_KIB")?;
+        let medium_mib: u64 = num(
+            var("COMPARE_MEDIUM_MIB"),
+            if quick { 4 } else { 16 },
+            "COMPARE_MEDIUM_MIB",
+        )?;
+        let shape_mbit: u64 = num(var("COMPARE_SHAPE_MBIT"), 1000, "COMPARE_SHAPE_MBIT")?;
+        let shape_delay_ms: u64 = num(var("COMPARE_SHAPE_DELAY_MS"), 2, "COMPARE_SHAPE_DELAY_MS")?;
         let rounds = num(
             var("COMPARE_ROUNDS"),
             if quick { 1 } else { 3 },
@@ -210,15 +252,23 @@ impl Settings {
         let entrepot_log = var("COMPARE_ENTREPOT_LOG");
         let nginx_sendfile = var("COMPARE_NGINX_SENDFILE").is_none_or(|v| v != "0" && v != "off");
         ensure!(
-            rounds > 0 && blob_mib > 0 && small_kib > 0 && cluster_clients > 0,
+            rounds > 0
+                && blob_mib > 0
+                && medium_mib > 0
+                && small_kib > 0
+                && cluster_clients > 0
+                && shape_mbit > 0,
             "sizes must be positive"
         );
         ensure!(replicas >= 2, "COMPARE_REPLICAS must be at least 2");
         Ok(Self {
             quick,
             blob: blob_mib << 20,
+            medium: medium_mib << 20,
+            shape: Shape::from_mbit(shape_mbit, Duration::from_millis(shape_delay_ms)),
             small: small_kib << 10,
             rounds,
+            medium_rounds: 3 * rounds,
             wrk_secs,
             wrk_threads: 2,
             connections,
@@ -350,17 +400,22 @@ struct Bench {
     relay_entrepot: Relay,
     relay_distribution: Relay,
     relay_direct: Relay,
+    /// Started by the `shaped` scenario: shaping relays in front of the three above.
+    shaped: Option<ShapedLinks>,
     warm: Option<Warm>,
     /// Started by the first S3 scenario.
     s3: Option<S3Side>,
     rows: Vec<Row>,
     s3_rows: Vec<Row>,
     cluster: ClusterReport,
+    /// Issue 13's rows (`cold1`'s CPU and its time against distribution among them).
+    limits_rows: Vec<Row>,
     /// Time spent in each block's scenarios (the S3 block's includes starting Garage; the
-    /// cluster block's too when it runs without the S3 scenarios).
+    /// cluster block's too when it runs without the S3 scenarios; issue 13's includes `cold1`).
     fs_took: Duration,
     s3_took: Duration,
     cluster_took: Duration,
+    limits_took: Duration,
 }
 
 /// What the cluster scenario reports beside its rows.
@@ -383,11 +438,20 @@ impl Bench {
         let upstream_dir = tmp.path().join("upstream");
         let upstream = procs::start_registry("upstream", &upstream_dir, None, None).await?;
         let started = Instant::now();
-        let seeded = seed::seed(&load::client()?, &upstream.url(""), s.blob, s.small).await?;
+        let seeded = seed::seed(
+            &load::client()?,
+            &upstream.url(""),
+            s.blob,
+            s.medium,
+            s.small,
+        )
+        .await?;
         println!(
-            "seeded the upstream with a {} layer, a {} layer, a config and a manifest in {:.1?}",
+            "seeded the upstream with a {} layer, a {} layer, a config and a manifest (and a {} \
+             layer beside it) in {:.1?}",
             size_label(s.blob),
             size_label(s.small),
+            size_label(s.medium),
             started.elapsed()
         );
         Ok(Self {
@@ -399,14 +463,17 @@ impl Bench {
             upstream,
             upstream_dir,
             seeded,
+            shaped: None,
             warm: None,
             s3: None,
             rows: Vec::new(),
             s3_rows: Vec::new(),
             cluster: ClusterReport::default(),
+            limits_rows: Vec::new(),
             fs_took: Duration::ZERO,
             s3_took: Duration::ZERO,
             cluster_took: Duration::ZERO,
+            limits_took: Duration::ZERO,
         })
     }
 
@@ -466,8 +533,20 @@ impl Bench {
     /// relay; on `Backend::S3` its bucket through its other relay (what the bucket already
     /// holds under that prefix, it finds).
     async fn start(&self, proxy: Proxy, backend: &Backend, name: &str) -> Result<Instance> {
+        self.start_via(proxy, backend, name, &self.relay(proxy).url())
+            .await
+    }
+
+    /// [`Bench::start`] with the upstream at `upstream` (a shaped link in front of the relay).
+    async fn start_via(
+        &self,
+        proxy: Proxy,
+        backend: &Backend,
+        name: &str,
+        upstream: &str,
+    ) -> Result<Instance> {
         let dir = self.tmp.path().join(name);
-        let upstream = self.relay(proxy).url();
+        let upstream = upstream.to_owned();
         let place = match backend {
             Backend::Fs => None,
             Backend::S3(prefix) => {
@@ -518,13 +597,18 @@ impl Bench {
                 "s3cold16" => self.cold_concurrent(s3).await,
                 "s3warm8" => self.s3_warm_pulls().await,
                 "cluster" => self.cluster_pulls().await,
+                "cold1m" => self.cold_medium().await,
+                "shaped" => self.cold_shaped().await,
                 other => unreachable!("scenario {other} has no step"),
             };
             let took = started.elapsed();
-            match Block::of(name) {
-                Block::Fs => self.fs_took += took,
-                Block::S3 => self.s3_took += took,
-                Block::Cluster => self.cluster_took += took,
+            for block in Block::ALL.into_iter().filter(|b| b.holds(name)) {
+                *match block {
+                    Block::Fs => &mut self.fs_took,
+                    Block::S3 => &mut self.s3_took,
+                    Block::Cluster => &mut self.cluster_took,
+                    Block::Limits => &mut self.limits_took,
+                } += took;
             }
             result.with_context(|| format!("scenario {name}"))?;
             println!("== {name} took {took:.1?}");
@@ -536,7 +620,7 @@ impl Bench {
 
     /// One cold pull round: a fresh `proxy` (empty store; on S3 an empty prefix named after
     /// the round), `clients` concurrent pulls of the big layer, what crossed the relays until
-    /// they fell quiet, and the proxy's memory.
+    /// they fell quiet, and the proxy's memory and CPU.
     async fn cold_round(
         &self,
         proxy: Proxy,
@@ -560,6 +644,7 @@ impl Bench {
         let sampling = Arc::new(AtomicBool::new(true));
         let sampler = tokio::spawn(peaks(pid, sampling.clone()));
         let url = instance.server.url(&self.blob_path(&self.seeded.big));
+        let cpu_before = procs::cpu_mark(pid)?;
         let times = load::pull_concurrent(&url, clients, self.seeded.big.size).await;
         let upstream = settle(relay).await - before;
         // The upload to the bucket may lag the upstream: memory is read once it is done too.
@@ -567,6 +652,9 @@ impl Bench {
             (Some(r), Some(b)) => Some(settle(r).await - b),
             _ => None,
         };
+        // The proxy's work after the last byte (fsync, commit) is in its CPU.
+        tokio::time::sleep(CPU_TAIL).await;
+        let cpu = procs::cpu_mark(pid)?.since(&cpu_before);
         sampling.store(false, Ordering::Relaxed);
         let sampled = sampler.await??;
         let memory = instance.server.memory()?;
@@ -579,6 +667,7 @@ impl Bench {
             peak_rss: memory.peak_rss,
             peak_anon: sampled.rss_anon,
             peak_file: sampled.rss_file,
+            cpu,
         })
     }
 
@@ -623,6 +712,10 @@ impl Bench {
             .with_distribution()
             .target("1.00", Subject::Value, Goal::AtMost(1.005));
         let (mut sent, mut requests) = Self::bucket_rows(&scenario);
+        // Issue 13's (filesystem only): the proxy's CPU per GiB.
+        let mut cpu = Row::new(&scenario, "proxy CPU per GiB pulled", Unit::CpuPerGib)
+            .with_distribution()
+            .target("≤ 1.4 CPU-s/GiB", Subject::Value, Goal::AtMost(1.4));
         let path = self.blob_path(&self.seeded.big);
         for round in 0..self.s.rounds {
             for peer in order(round, &[Peer::Reference, ENTREPOT, DISTRIBUTION]) {
@@ -637,16 +730,19 @@ impl Bench {
                         let name = format!("{key}-{round}");
                         let r = self.cold_round(proxy, &backend, &name, 1).await?;
                         let ratio = r.upstream.bytes_down as f64 / size as f64;
+                        let per_gib = r.cpu / (size as f64 / GIB);
                         println!(
                             "round {round}: {:<13} {:.3} s, upstream bytes ÷ size {ratio:.3} \
-                             ({} requests){}",
+                             ({} requests), CPU {:.3} s ({per_gib:.2} CPU-s/GiB){}",
                             name_of(proxy),
                             r.slowest.as_secs_f64(),
                             r.upstream.requests,
+                            r.cpu,
                             r.bucket_summary(size),
                         );
                         samples(&mut time, peer).push(r.slowest.as_secs_f64());
                         samples(&mut bytes, peer).push(ratio);
+                        samples(&mut cpu, peer).push(per_gib);
                         if let Some(b) = r.bucket {
                             samples(&mut sent, peer).push(b.bytes_up as f64 / size as f64);
                             samples(&mut requests, peer).push(b.requests as f64);
@@ -654,6 +750,17 @@ impl Bench {
                     }
                 }
             }
+        }
+        if !s3 {
+            // Issue 13's table: the same pulls, against distribution's wall time.
+            let mut against = time.clone();
+            against.target = None;
+            let against = against.target(
+                "≤ 1.0× distribution",
+                Subject::RatioToDistribution,
+                Goal::AtMost(1.0),
+            );
+            self.limits_rows.extend([against, cpu]);
         }
         let rows = self.rows_mut(&backend);
         rows.extend([time, bytes]);
@@ -1615,6 +1722,9 @@ struct ColdRound {
     peak_anon: u64,
     /// The highest RssFile sampled.
     peak_file: u64,
+    /// The proxy's CPU seconds from just before the clients started until the relays were
+    /// quiet and [`CPU_TAIL`] more.
+    cpu: f64,
 }
 
 impl ColdRound {
@@ -1869,6 +1979,7 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
         Block::Fs => (&b.rows, b.fs_took),
         Block::S3 => (&b.s3_rows, b.s3_took),
         Block::Cluster => (&b.cluster.rows, b.cluster_took),
+        Block::Limits => (&b.limits_rows, b.limits_took),
     };
     let took = match block {
         Block::Fs => format!("took {:.0} s", took.as_secs_f64()),
@@ -1880,6 +1991,16 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
         Block::Cluster => format!(
             "the cluster scenario took {:.0} s (the whole run {:.0} s)",
             block_took.as_secs_f64(),
+            took.as_secs_f64()
+        ),
+        Block::Limits => format!(
+            "its scenarios took {:.0} s ({}the whole run {:.0} s)",
+            block_took.as_secs_f64(),
+            if s.runs("cold1") {
+                "`cold1` included; "
+            } else {
+                ""
+            },
             took.as_secs_f64()
         ),
     };
@@ -1951,6 +2072,29 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
             entrepot_log(s),
             n = s.replicas,
         )),
+        Block::Limits => out.push_str(&format!(
+            "Peers: {} (proxy, filesystem driver); the upstream pulled directly (\"direct\"). \
+             CPU is the proxy's user + system time (its threads' `schedstat`, or \
+             `/proc/<pid>/stat` when a thread exited), from just before the client starts until \
+             the upstream relay has been quiet for 750 ms and {} ms more (fsync, commit). The \
+             shaped link is a relay inside the bench in front of each counting relay: {} Mbit/s \
+             each way (a token bucket with no burst) and {} ms added each way to every byte \
+             (first bytes too, so a connection's first request pays the round trip; not the \
+             handshake); direct pulls go through one of their own.\n\n\
+             Sizes: layers {} (`cold1`, `shaped`) and {} (`cold1m`), 1 client, a fresh proxy \
+             with an empty store each round; {} round(s), {} for `cold1m` (peers alternating). \
+             Time to first byte: from sending the request to the first body byte. entrepot log \
+             filter: {}.\n\n",
+            m.versions[0],
+            CPU_TAIL.as_millis(),
+            s.shape.bytes_per_sec * 8 / 1_000_000,
+            s.shape.delay.as_millis(),
+            size_label(s.blob),
+            size_label(s.medium),
+            s.rounds,
+            s.medium_rounds,
+            entrepot_log(s),
+        )),
     }
     if s.quick {
         out.push_str("**Quick run (`COMPARE_QUICK`): small sizes, not the issue's.**\n\n");
@@ -1960,6 +2104,7 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
         Block::Fs => ("distribution (proxy)", 4),
         Block::S3 => ("distribution (proxy, s3 driver)", 10),
         Block::Cluster => ("distribution (proxy, s3 driver)", 11),
+        Block::Limits => ("distribution (proxy)", 13),
     };
     if block == Block::Cluster {
         out.push_str(&cluster_ratios(&b.cluster, s.replicas));
@@ -2056,6 +2201,11 @@ impl Block {
                 "<!-- compare-cluster:end -->",
                 "Several replicas on one bucket (issue 11)",
             ),
+            Block::Limits => (
+                "<!-- compare-limits:begin (written by `cargo bench --bench compare -- cold1 cold1m shaped`) -->",
+                "<!-- compare-limits:end -->",
+                "Cold pulls at the machine's limit (issue 13)",
+            ),
         }
     }
 }
@@ -2092,7 +2242,7 @@ async fn bench(s: Settings) -> Result<()> {
     let result = b.run().await;
     let took = started.elapsed();
     let mut texts = Vec::new();
-    for block in [Block::Fs, Block::S3, Block::Cluster] {
+    for block in Block::ALL {
         if block.scenarios().any(|name| b.s.runs(name)) {
             let text = render(&b.s, &machine, &b, block, took);
             println!("\n{text}");

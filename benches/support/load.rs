@@ -63,6 +63,40 @@ pub async fn pull(client: &reqwest::Client, url: &str, len: u64) -> Result<Durat
         .with_context(|| format!("GET {url} took longer than {PULL_TIMEOUT:?}"))?
 }
 
+/// How long one pull took to its first body byte and to its last.
+#[derive(Clone, Copy, Debug)]
+pub struct Timed {
+    pub first_byte: Duration,
+    pub last_byte: Duration,
+}
+
+/// [`pull`], timed to the first body byte too (from just before the request is sent, so a
+/// connection's setup is inside both figures).
+pub async fn pull_ttfb(client: &reqwest::Client, url: &str, len: u64) -> Result<Timed> {
+    let start = Instant::now();
+    let work = async {
+        let mut resp = client.get(url).send().await?;
+        ensure!(resp.status() == 200, "GET {url}: status {}", resp.status());
+        let mut got = 0u64;
+        let mut first_byte = None;
+        while let Some(chunk) = resp.chunk().await? {
+            if !chunk.is_empty() {
+                first_byte.get_or_insert_with(|| start.elapsed());
+            }
+            got += chunk.len() as u64;
+        }
+        ensure!(got == len, "GET {url}: {got} bytes, expected {len}");
+        let last_byte = start.elapsed();
+        Ok(Timed {
+            first_byte: first_byte.unwrap_or(last_byte),
+            last_byte,
+        })
+    };
+    tokio::time::timeout(PULL_TIMEOUT, work)
+        .await
+        .with_context(|| format!("GET {url} took longer than {PULL_TIMEOUT:?}"))?
+}
+
 /// `clients` concurrent pulls of `url`, each its own client (so its own connection), released
 /// together. Returns each client's time to last byte, from the common start.
 pub async fn pull_concurrent(url: &str, clients: usize, len: u64) -> Result<Vec<Duration>> {

@@ -1,4 +1,4 @@
-//! The results: per-round samples, medians, ratios (entrepot ÷ peer), the targets of issue 4
+//! The results: per-round samples, medians, ratios (entrepot ÷ peer), the targets of the issues
 //! and whether each is met, as a Markdown table for the terminal and for BENCHMARKS.md.
 
 use std::fmt::Write as _;
@@ -32,6 +32,10 @@ impl Samples {
 pub enum Unit {
     Seconds,
     Millis,
+    /// Milliseconds to a tenth, for latencies of a few milliseconds.
+    MillisTenths,
+    /// CPU seconds a process used per GiB it served.
+    CpuPerGib,
     MibPerSec,
     PerSec,
     /// A plain ratio such as upstream bytes ÷ blob size.
@@ -45,6 +49,8 @@ impl Unit {
         match self {
             Unit::Seconds => format!("{v:.3} s"),
             Unit::Millis => format!("{v:.0} ms"),
+            Unit::MillisTenths => format!("{v:.1} ms"),
+            Unit::CpuPerGib => format!("{v:.2} CPU-s/GiB"),
             Unit::MibPerSec => format!("{v:.0} MiB/s"),
             Unit::PerSec => format!("{}/s", thousands(v)),
             Unit::Times => format!("{v:.3}×"),
@@ -80,6 +86,9 @@ pub enum Subject {
     RatioToReference,
     /// entrepot's median ÷ distribution's.
     RatioToDistribution,
+    /// entrepot's median − the reference's, in the row's unit (a latency added to a direct
+    /// one).
+    DifferenceToReference,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -175,6 +184,9 @@ impl Row {
             Subject::Value => self.entrepot.median()?,
             Subject::RatioToReference => self.ratio_to_reference()?,
             Subject::RatioToDistribution => self.ratio_to_distribution()?,
+            Subject::DifferenceToReference => {
+                self.entrepot.median()? - self.reference.as_ref()?.1.median()?
+            }
         };
         let met = match t.goal {
             Goal::AtMost(limit) => v <= limit,
@@ -249,6 +261,10 @@ pub fn verdicts(rows: &[Row]) -> String {
                 row.reference.as_ref().map_or("reference", |(n, _)| n)
             ),
             Subject::RatioToDistribution => "entrepot ÷ distribution".to_owned(),
+            Subject::DifferenceToReference => format!(
+                "entrepot − {}",
+                row.reference.as_ref().map_or("reference", |(n, _)| n)
+            ),
         };
         let line = match row.verdict() {
             Some((v, true)) => format!("MET     {subject} = {}", show(row, t, v)),
@@ -284,13 +300,31 @@ fn distribution_context(row: &Row, t: &Target) -> String {
             .map_or_else(String::new, |(name, r)| {
                 format!(" (distribution ÷ {name} = {r:.2})")
             }),
+        Subject::DifferenceToReference => row
+            .reference
+            .as_ref()
+            .and_then(|(name, s)| Some((name, d - s.median()?)))
+            .map_or_else(String::new, |(name, diff)| {
+                format!(" (distribution − {name} = {})", signed(row.unit, diff))
+            }),
         Subject::RatioToDistribution => String::new(),
+    }
+}
+
+/// `v` in `unit` with its sign: "+3.2 ms", "-0.4 ms".
+fn signed(unit: Unit, v: f64) -> String {
+    let text = unit.format(v);
+    if v >= 0.0 {
+        format!("+{text}")
+    } else {
+        text
     }
 }
 
 fn show(row: &Row, t: &Target, v: f64) -> String {
     match t.subject {
         Subject::Value => row.unit.format(v),
+        Subject::DifferenceToReference => signed(row.unit, v),
         _ => format!("{v:.2}"),
     }
 }

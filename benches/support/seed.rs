@@ -86,13 +86,22 @@ pub async fn push_blob(
 pub struct Seeded {
     pub repo: String,
     pub big: Pushed,
+    /// A mid-sized layer (issue 13's short cold pull); in the repository, not in the manifest.
+    pub medium: Pushed,
     pub small: Pushed,
     pub tag: String,
     pub manifest: Pushed,
 }
 
-/// Pushes a `big`-byte layer, a `small`-byte layer, a config and a manifest tagged `latest`.
-pub async fn seed(client: &reqwest::Client, base: &str, big: u64, small: u64) -> Result<Seeded> {
+/// Pushes a `big`-byte layer, a `small`-byte layer, a config and a manifest tagged `latest`,
+/// and a `medium`-byte layer outside the manifest (so the manifest is the same as before it).
+pub async fn seed(
+    client: &reqwest::Client,
+    base: &str,
+    big: u64,
+    medium: u64,
+    small: u64,
+) -> Result<Seeded> {
     let repo = "bench/app".to_owned();
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -100,6 +109,7 @@ pub async fn seed(client: &reqwest::Client, base: &str, big: u64, small: u64) ->
     let big_data = tokio::task::spawn_blocking(move || random_bytes(big as usize, seed)).await?;
     let big = push_blob(client, base, &repo, big_data).await?;
     let small = push_blob(client, base, &repo, random_bytes(small as usize, seed ^ 1)).await?;
+    let medium = push_blob(client, base, &repo, random_bytes(medium as usize, seed ^ 2)).await?;
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
@@ -134,6 +144,7 @@ pub async fn seed(client: &reqwest::Client, base: &str, big: u64, small: u64) ->
     Ok(Seeded {
         repo,
         big,
+        medium,
         small,
         tag,
         manifest: pushed,
