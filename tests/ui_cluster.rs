@@ -47,24 +47,21 @@ async fn with_replicas_on_a_bucket_the_store_shows_tier_bucket_and_peer_health()
     let total: u64 = layers.iter().map(|l| l.len() as u64).sum();
 
     // The listing is cached for a few seconds and uploads finish behind the pulls: poll.
-    let mut last = Value::Null;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let last = loop {
         let (v, text) = store_page(&replicas[0].url()).await;
         for secret in [SECRET, garage.secret_access_key()] {
             assert!(!text.contains(secret), "a secret on the page: {text}");
         }
-        let bucket_used = v["bucket"]["used_bytes"].as_u64().unwrap_or(0);
-        if bucket_used >= total {
-            last = v;
-            break;
+        if v["bucket"]["used_bytes"].as_u64().unwrap_or(0) >= total {
+            break v;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the bucket never showed the layers: {v}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    };
     assert_eq!(last["backend"], "s3", "{last}");
     assert_eq!(last["bucket"]["bucket"], common::garage::DEFAULT_BUCKET);
     assert!(
