@@ -147,7 +147,11 @@ impl Inventory {
     /// tags.
     pub async fn load(store: &Store) -> io::Result<Inventory> {
         let mut inv = Inventory::default();
-        for b in store.blobs().list().await? {
+        let listed = store.blobs().list().await?;
+        // Sized once: growing a table of a million blobs by doubling holds the old table and
+        // the new one at once, several times over (issue 13).
+        inv.blobs.reserve(listed.len());
+        for b in listed {
             inv.blobs.insert(b.digest, (b.size, b.committed_ms));
         }
         for key in store.meta().list(layout::MANIFESTS).await? {

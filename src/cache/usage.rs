@@ -27,7 +27,7 @@ pub fn unix_now_ms() -> u64 {
 pub struct Usage {
     bytes: AtomicU64,
     entries: AtomicU64,
-    access: Mutex<HashMap<Digest, u64>>,
+    access: Mutex<Stamps>,
     /// The newest use stamp handed out.
     last_stamp: AtomicU64,
     dirty: AtomicBool,
@@ -43,6 +43,99 @@ pub struct Eviction {
     pub at_ms: u64,
     pub blobs: u64,
     pub bytes: u64,
+}
+
+/// The last use of every blob, held for the life of the server: a year-old store has a
+/// million of them (issue 13). A map of `Digest`s cost about 170 bytes a blob (the digest's
+/// hex on the heap, a table sized to a power of two); here the stamps of sha256 blobs sit in
+/// one sorted array of 40-byte entries, and a small map takes the uses since it was last
+/// brought up to date (folded in when the stamps are saved) and blobs of other algorithms.
+#[derive(Default)]
+struct Stamps {
+    /// sha256 digests' bytes and stamps, sorted by digest, one entry a digest.
+    sorted: Vec<([u8; 32], u64)>,
+    /// Uses since the last fold, and every stamp of a digest that is not sha256.
+    recent: HashMap<Digest, u64>,
+}
+
+/// A sha256 digest's bytes (the key of [`Stamps::sorted`]).
+fn key(d: &Digest) -> Option<[u8; 32]> {
+    let mut k = [0u8; 32];
+    (d.algorithm() == crate::oci::Algorithm::Sha256
+        && hex::decode_to_slice(d.hex(), &mut k).is_ok())
+    .then_some(k)
+}
+
+impl Stamps {
+    fn get(&self, d: &Digest) -> Option<u64> {
+        let recent = self.recent.get(d).copied();
+        let sorted = key(d).and_then(|k| {
+            let i = self.sorted.binary_search_by(|(x, _)| x.cmp(&k)).ok()?;
+            Some(self.sorted[i].1)
+        });
+        recent.max(sorted)
+    }
+
+    /// Keeps the later of `stamp` and the one known.
+    fn record(&mut self, d: &Digest, stamp: u64) {
+        match self.recent.get_mut(d) {
+            Some(t) => *t = (*t).max(stamp),
+            None => {
+                self.recent.insert(d.clone(), stamp);
+            }
+        }
+    }
+
+    /// Merges `more` (sha256 stamps, in any order, repeats allowed) into `sorted`, keeping the
+    /// latest stamp of each digest: a sort of the two (their concatenation is two sorted runs
+    /// at most) and one pass, in place.
+    fn merge(&mut self, mut more: Vec<([u8; 32], u64)>) {
+        if more.is_empty() {
+            return;
+        }
+        more.sort_unstable();
+        // Exactly what is needed: a store's table is large, doubling it would waste half.
+        self.sorted.reserve_exact(more.len());
+        self.sorted.append(&mut more);
+        self.sorted.sort(); // two sorted runs: merged in linear time
+        self.sorted.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = kept.1.max(later.1);
+            }
+            same
+        });
+    }
+
+    /// Moves the sha256 uses of `recent` into `sorted`.
+    fn fold(&mut self) {
+        let mut more = Vec::new();
+        self.recent.retain(|d, t| match key(d) {
+            Some(k) => {
+                more.push((k, *t));
+                false
+            }
+            None => true,
+        });
+        self.merge(more);
+    }
+
+    fn remove(&mut self, digests: &[Digest]) {
+        let mut keys = Vec::new();
+        for d in digests {
+            self.recent.remove(d);
+            keys.extend(key(d));
+        }
+        if keys.is_empty() {
+            return;
+        }
+        keys.sort_unstable();
+        self.sorted.retain(|(k, _)| keys.binary_search(k).is_err());
+    }
+
+    fn len(&self) -> usize {
+        self.sorted.len() + self.recent.len()
+    }
 }
 
 /// Held while a client reads a blob; the blob is not evicted meanwhile.
@@ -67,13 +160,7 @@ impl Usage {
     /// Records a use of `digest` now (in memory only).
     pub fn touch(&self, digest: &Digest) {
         let stamp = self.next_stamp();
-        let mut a = self.access.lock().unwrap();
-        match a.get_mut(digest) {
-            Some(t) => *t = (*t).max(stamp),
-            None => {
-                a.insert(digest.clone(), stamp);
-            }
-        }
+        self.access.lock().unwrap().record(digest, stamp);
         self.dirty.store(true, Ordering::Relaxed);
     }
 
@@ -91,7 +178,7 @@ impl Usage {
 
     /// The use stamp of `digest`'s last recorded use.
     pub fn last_use(&self, digest: &Digest) -> Option<u64> {
-        self.access.lock().unwrap().get(digest).copied()
+        self.access.lock().unwrap().get(digest)
     }
 
     /// The last use of a stored blob: its recorded use, else its commit time.
@@ -134,10 +221,7 @@ impl Usage {
 
     /// Blobs left the store.
     pub fn removed(&self, digests: &[Digest]) {
-        let mut a = self.access.lock().unwrap();
-        for d in digests {
-            a.remove(d);
-        }
+        self.access.lock().unwrap().remove(digests);
     }
 
     /// `blobs` blobs of `bytes` in all were evicted (from the store, or the local tier).
@@ -170,13 +254,21 @@ impl Usage {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return None;
         }
-        let a = self.access.lock().unwrap();
-        Some(
-            a.iter()
-                .map(|(d, t)| format!("{d} {t}\n"))
-                .collect::<String>()
-                .into(),
-        )
+        let mut a = self.access.lock().unwrap();
+        a.fold();
+        // `sha256:<64 hex> <13 digits>\n` a line.
+        let mut out = Vec::with_capacity(a.len() * 86);
+        let mut hex = [0u8; 64];
+        for (k, t) in &a.sorted {
+            hex::encode_to_slice(k, &mut hex).expect("64 bytes hold 32 in hex");
+            out.extend_from_slice(b"sha256:");
+            out.extend_from_slice(&hex);
+            out.extend_from_slice(format!(" {t}\n").as_bytes());
+        }
+        for (d, t) in &a.recent {
+            out.extend_from_slice(format!("{d} {t}\n").as_bytes());
+        }
+        Some(out.into())
     }
 
     /// Loads saved use stamps (older records hold seconds), keeping the later of a loaded and
@@ -184,7 +276,9 @@ impl Usage {
     /// later than every one loaded.
     pub fn load(&self, saved: &[u8]) {
         let text = String::from_utf8_lossy(saved);
-        let mut a = self.access.lock().unwrap();
+        // Parsed outside the lock (a store's record has a line per blob), merged under it.
+        let (mut sorted, mut others) = (Vec::new(), Vec::new());
+        let mut latest = 0;
         for line in text.lines() {
             let mut it = line.split_whitespace();
             if let (Some(Ok(d)), Some(Ok(t))) = (
@@ -192,10 +286,18 @@ impl Usage {
                 it.next().map(str::parse::<u64>),
             ) {
                 let ms = if t < SECONDS_BEFORE { t * 1000 } else { t };
-                self.last_stamp.fetch_max(ms, Ordering::Relaxed);
-                let known = a.entry(d).or_insert(ms);
-                *known = (*known).max(ms);
+                latest = latest.max(ms);
+                match key(&d) {
+                    Some(k) => sorted.push((k, ms)),
+                    None => others.push((d, ms)),
+                }
             }
+        }
+        self.last_stamp.fetch_max(latest, Ordering::Relaxed);
+        let mut a = self.access.lock().unwrap();
+        a.merge(sorted);
+        for (d, ms) in others {
+            a.record(&d, ms);
         }
     }
 }
@@ -260,5 +362,87 @@ mod stamp_tests {
         let now = Digest::sha256_of(b"now");
         u.touch(&now);
         assert!(u.last_use(&now).unwrap() > far);
+    }
+}
+
+/// The compact stamp table (issue 13) answers like a map of digest → latest stamp, whatever
+/// the mix of loads, uses, removals and saves, for sha256 and sha512 digests alike.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::oci::Algorithm;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Load(Vec<(usize, u64)>),
+        Touch(usize),
+        Remove(Vec<usize>),
+        /// Save, and check a fresh table loading the saved record answers the same.
+        Save,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let stamp = 1_000_000_000_000u64..1_000_000_000_100;
+        prop_oneof![
+            proptest::collection::vec((0..12usize, stamp), 0..8).prop_map(Op::Load),
+            (0..12usize).prop_map(Op::Touch),
+            proptest::collection::vec(0..12usize, 0..4).prop_map(Op::Remove),
+            Just(Op::Save),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn stamps_answer_like_a_map_of_latest_uses(ops in proptest::collection::vec(op(), 1..30)) {
+            // Digest 0, 3, 6, 9 are sha512: the table keeps those apart.
+            let digests: Vec<Digest> = (0..12u8)
+                .map(|i| {
+                    let alg = if i % 3 == 0 { Algorithm::Sha512 } else { Algorithm::Sha256 };
+                    Digest::of(alg, &[i])
+                })
+                .collect();
+            let u = Usage::default();
+            let mut model: HashMap<usize, u64> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Load(lines) => {
+                        let text: String =
+                            lines.iter().map(|(i, t)| format!("{} {t}\n", digests[*i])).collect();
+                        u.load(text.as_bytes());
+                        for (i, t) in lines {
+                            let m = model.entry(i).or_insert(t);
+                            *m = (*m).max(t);
+                        }
+                    }
+                    Op::Touch(i) => {
+                        u.touch(&digests[i]);
+                        let t = u.last_use(&digests[i]).unwrap();
+                        prop_assert!(model.values().all(|&m| m < t), "a use is the latest");
+                        model.insert(i, t);
+                    }
+                    Op::Remove(is) => {
+                        let gone: Vec<Digest> = is.iter().map(|&i| digests[i].clone()).collect();
+                        u.removed(&gone);
+                        for i in is {
+                            model.remove(&i);
+                        }
+                    }
+                    Op::Save => {
+                        u.dirty.store(true, Ordering::Relaxed);
+                        let saved = u.changes().unwrap();
+                        let fresh = Usage::default();
+                        fresh.load(&saved);
+                        for (i, d) in digests.iter().enumerate() {
+                            prop_assert_eq!(fresh.last_use(d), model.get(&i).copied());
+                        }
+                    }
+                }
+                for (i, d) in digests.iter().enumerate() {
+                    prop_assert_eq!(u.last_use(d), model.get(&i).copied(), "digest {}", i);
+                }
+            }
+        }
     }
 }

@@ -131,24 +131,50 @@ impl Blobs for Fs {
     fn list(&self) -> Io<'_, Vec<BlobInfo>> {
         let root = self.root.clone();
         Box::pin(blocking(move || {
+            // Straight from the two levels of folders (`blobs/<alg>/<hex>`): a year-old store
+            // lists a million blobs, and a sorted list of their keys first cost as much memory
+            // again as the listing itself (issue 13).
             let mut out = Vec::new();
-            for key in walk(&root, layout::BLOBS)? {
-                let Some(digest) = layout::parse_digest_key(&key) else {
+            let top = layout::path(&root, layout::BLOBS);
+            let algorithms = match std::fs::read_dir(&top) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            for alg in algorithms {
+                let alg = alg?;
+                let Ok(alg_name) = alg.file_name().into_string() else {
                     continue;
                 };
-                let Ok(meta) = std::fs::metadata(layout::path(&root, &key)) else {
-                    continue; // removed meanwhile
-                };
-                let committed_ms = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_millis() as u64);
-                out.push(BlobInfo {
-                    digest,
-                    size: meta.len(),
-                    committed_ms,
-                });
+                if !alg.file_type()?.is_dir() {
+                    continue;
+                }
+                for entry in std::fs::read_dir(alg.path())? {
+                    let entry = entry?;
+                    let Ok(name) = entry.file_name().into_string() else {
+                        continue;
+                    };
+                    let key = format!("{}{alg_name}/{name}", layout::BLOBS);
+                    let Some(digest) = layout::parse_digest_key(&key) else {
+                        continue;
+                    };
+                    let Ok(meta) = entry.metadata() else {
+                        continue; // removed meanwhile
+                    };
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    let committed_ms = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_millis() as u64);
+                    out.push(BlobInfo {
+                        digest,
+                        size: meta.len(),
+                        committed_ms,
+                    });
+                }
             }
             Ok(out)
         }))
