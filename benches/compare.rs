@@ -35,6 +35,9 @@
 //! small, one-round run for iterating.
 
 mod support;
+// Issue 13's scenarios (`cold1m`, `shaped`): an `impl Bench` of their own, beside this file.
+#[path = "compare/limits.rs"]
+mod limits;
 
 use std::{
     fs,
@@ -48,10 +51,10 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use limits::ShapedLinks;
 use support::{
     cluster,
     garage::{self, Garage},
-    limits::ShapedLinks,
     load,
     procs::{self, ChildGuard, RegistryStorage, Server},
     relay::{Counts, Relay},

@@ -1,11 +1,10 @@
 //! Helpers of the `compare` bench: the programs it runs (Garage and entrepot clusters among
 //! them), the counting relay in front of the upstream and the bucket, the shaping relay of the
 //! shaped link, the load it sends, the seed content, the report it prints, and issue 13's
-//! scenarios.
+//! scenarios (issue 13's scenarios themselves are in `compare/limits.rs`).
 
 pub mod cluster;
 pub mod garage;
-pub mod limits;
 pub mod load;
 pub mod procs;
 pub mod relay;

@@ -187,7 +187,11 @@ pub async fn sweeper(
         loop {
             let lead = leads();
             let started = std::time::Instant::now();
-            match sweep_once(&store, &cfg, &pins, &upstream_names, lead, &mut doomed).await {
+            let swept = sweep_once(&store, &cfg, &pins, &upstream_names, lead, &mut doomed).await;
+            // A sweep's inventory (hundreds of bytes a blob) is freed by now: give the memory
+            // back rather than keep it for streaming (`sys`).
+            let _ = tokio::task::spawn_blocking(crate::sys::release_memory).await;
+            match swept {
                 // Its cost grows with the store: say what it was (`cargo bench --bench scale`).
                 Ok(()) => tracing::info!(
                     took_ms = started.elapsed().as_millis() as u64,

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 
-use super::{
+use crate::support::{
     load::{self, Timed},
     procs,
     relay::{Counts, Relay},
