@@ -1652,8 +1652,11 @@ impl Bench {
         let store = dir.join("store");
         let started = Instant::now();
         let root = store.clone();
-        let (digest, data) =
-            tokio::task::spawn_blocking(move || seed::fill_store(&root, count)).await??;
+        let repo = self.seeded.repo.clone();
+        let (digest, data) = tokio::task::spawn_blocking(move || {
+            seed::fill_store(&root, procs::ENTREPOT_UPSTREAM, &repo, count)
+        })
+        .await??;
         println!(
             "wrote {count} blobs into the store in {:.1?}",
             started.elapsed()

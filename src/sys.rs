@@ -27,6 +27,10 @@ fn arena_max() -> usize {
 /// Sets the allocator's thresholds (see the module doc). Call once, before other threads
 /// start allocating. Harmless where it does not apply.
 pub fn tune_allocator() {
+    // The way back to glibc's defaults (or to an operator's own GLIBC_TUNABLES).
+    if std::env::var_os("ENTREPOT_MALLOC_DEFAULTS").is_some_and(|v| v != "0") {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]
     // SAFETY: mallopt only sets glibc's tunables; the values are in range for int and glibc

@@ -440,6 +440,9 @@ pub async fn start_entrepot(
     .await
 }
 
+/// The name of the one upstream entrepot is configured with in the bench.
+pub const ENTREPOT_UPSTREAM: &str = "upstream";
+
 /// The command that runs entrepot on `port` (config written to `dir/entrepot.toml`); `storage`
 /// as for [`start_entrepot`]; `extra` is appended to the config (a `[cluster]` table, or "").
 pub fn entrepot_command(
@@ -457,7 +460,7 @@ pub fn entrepot_command(
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"1s\"\n\n\
              [storage]\nroot = {store:?}\n{storage}\n\
-             [[upstream]]\nname = \"upstream\"\nurl = \"{upstream_url}\"\ndefault = true\n\
+             [[upstream]]\nname = \"{ENTREPOT_UPSTREAM}\"\nurl = \"{upstream_url}\"\ndefault = true\n\
              tag_ttl = \"1h\"\n{extra}",
             store = store.display().to_string(),
         ),

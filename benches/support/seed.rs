@@ -151,18 +151,30 @@ pub async fn seed(
     })
 }
 
-/// Writes `count` tiny blobs into `<root>/blobs/sha256/<hex>` (real digests of their contents)
-/// and returns the digest and contents of the last one, to ask for after start-up.
-pub fn fill_store(root: &Path, count: usize) -> Result<(String, Vec<u8>)> {
+/// Writes `count` tiny blobs into `<root>/blobs/sha256/<hex>` (real digests of their contents),
+/// each linked to `repo` of the upstream named `upstream` (the record a fill writes: stored
+/// bytes are served under a pair only once it is linked), and returns the digest and contents
+/// of the last one, to ask for after start-up.
+pub fn fill_store(
+    root: &Path,
+    upstream: &str,
+    repo: &str,
+    count: usize,
+) -> Result<(String, Vec<u8>)> {
     let dir = root.join("blobs/sha256");
+    let links = root.join(format!("meta/links/{upstream}/{repo}/_links/sha256"));
     fs::create_dir_all(&dir)?;
+    fs::create_dir_all(&links)?;
     let mut last = None;
     for i in 0..count {
         let data = format!("entrepot start-up blob {i}\n").into_bytes();
         let digest = sha256(&data);
-        fs::write(dir.join(digest.trim_start_matches("sha256:")), &data)
-            .with_context(|| format!("writing blob {i} of {count}"))?;
+        let hex = digest.trim_start_matches("sha256:");
+        fs::write(dir.join(hex), &data).with_context(|| format!("writing blob {i} of {count}"))?;
+        fs::write(links.join(hex), b"")?;
         last = Some((digest, data));
     }
+    // No tags to link at start-up: say so, as a store that had links from the start would.
+    fs::write(root.join("meta/links-ready"), b"1\n")?;
     last.context("no blobs asked for")
 }

@@ -118,7 +118,7 @@ impl Drop for Following {
 const TAIL_KEEP: usize = 8 << 20;
 /// Received bytes not yet on disk before the fill stops reading the upstream (a slow disk or
 /// hash then paces the fill instead of filling memory).
-const MAX_UNWRITTEN: u64 = 16 << 20;
+const MAX_UNWRITTEN: u64 = 8 << 20;
 
 impl Fill {
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
