@@ -148,26 +148,25 @@ impl Replica {
 
     /// The sum of every series of the Prometheus metric `name` this run exports.
     pub async fn metric(&self, name: &str) -> Result<f64> {
-        let text = super::client()
+        Ok(metric_sum(&self.metrics_text().await?, name))
+    }
+
+    /// This run's `/metrics` page.
+    async fn metrics_text(&self) -> Result<String> {
+        let resp = super::client()
             .get(format!("{}/metrics", self.url()))
             .send()
-            .await?
-            .text()
             .await?;
-        Ok(metric_sum(&text, name))
+        Ok(resp.text().await?)
     }
 }
 
 impl Replica {
     /// The sum of the series of `name` whose labels include `label` (e.g. `kind="shared"`).
     pub async fn metric_labelled(&self, name: &str, label: &str) -> Result<f64> {
-        let text = super::client()
-            .get(format!("{}/metrics", self.url()))
-            .send()
+        let series: String = self
+            .metrics_text()
             .await?
-            .text()
-            .await?;
-        let series: String = text
             .lines()
             .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
             .map(|l| format!("{l}\n"))
