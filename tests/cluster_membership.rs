@@ -78,14 +78,30 @@ async fn a_replica_added_mid_run_takes_its_keys_while_pulls_in_flight_complete()
     });
 
     // Blobs, some of which the third member will own: before it runs they are fetched by the
-    // two others, each once.
-    let blobs: Vec<(Bytes, String)> = (0..12)
-        .map(|i| {
-            let b = Bytes::from(random_bytes(256 * 1024, 100 + i));
-            let d = up.add_blob(b.clone());
-            (b, d)
-        })
-        .collect();
+    // two others, each once. The six after its arrival are chosen so that it owns three of
+    // them (ownership depends on the members' ports, so random blobs might give it none).
+    let mut blobs: Vec<(Bytes, String)> = Vec::new();
+    let (mut theirs, mut its) = (0, 0);
+    for seed in 100u64.. {
+        if blobs.len() == 12 {
+            break;
+        }
+        let b = Bytes::from(random_bytes(256 * 1024, seed));
+        let d = common::sha256_digest(&b);
+        if blobs.len() >= 6 {
+            let owned = owner_of(&replicas, &d) == 2;
+            if (owned && its == 3) || (!owned && theirs == 3) {
+                continue;
+            }
+            if owned {
+                its += 1;
+            } else {
+                theirs += 1;
+            }
+        }
+        assert_eq!(up.add_blob(b.clone()), d);
+        blobs.push((b, d));
+    }
     let c = client();
     for (i, (_, d)) in blobs.iter().enumerate().take(6) {
         let url = format!("{}/v2/team/app/blobs/{d}", replicas[i % 2].url());
