@@ -317,20 +317,10 @@ impl std::fmt::Debug for Auth {
 
 #[cfg(test)]
 mod tests {
-    use super::policy::{Pattern, Readers, Rule};
+    use super::policy::tests::{rule, users};
+    use super::policy::{Readers, Rule};
     use super::*;
     use base64::Engine as _;
-
-    fn rule(pattern: &str, readers: Readers) -> Rule {
-        Rule {
-            pattern: Pattern::parse(pattern).unwrap(),
-            readers,
-        }
-    }
-
-    fn users(names: &[&str]) -> Readers {
-        Readers::Users(names.iter().map(|s| s.to_string()).collect())
-    }
 
     fn htpasswd(entries: &[(&str, &str)]) -> String {
         entries

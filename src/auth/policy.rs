@@ -267,18 +267,18 @@ impl std::fmt::Debug for Policy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn rule(pattern: &str, readers: Readers) -> Rule {
+    pub(in crate::auth) fn rule(pattern: &str, readers: Readers) -> Rule {
         Rule {
             pattern: Pattern::parse(pattern).unwrap(),
             readers,
         }
     }
 
-    fn users(names: &[&str]) -> Readers {
+    pub(in crate::auth) fn users(names: &[&str]) -> Readers {
         Readers::Users(names.iter().map(|s| s.to_string()).collect())
     }
 

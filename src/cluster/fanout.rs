@@ -159,12 +159,6 @@ impl Fanouts {
         self.tracker.spawn(drive(Arc::downgrade(&shared)));
         (shared, reader)
     }
-
-    /// Shared streams running now.
-    pub fn live(&self) -> usize {
-        let live = self.live.lock().unwrap();
-        live.values().filter(|w| w.strong_count() > 0).count()
-    }
 }
 
 impl Shared {

@@ -167,15 +167,31 @@ async fn shared_relay(
         digest: digest.clone(),
     };
     let (total, stream) = state.fanouts.whole(source).await?;
-    let mut b = Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("Docker-Content-Digest", digest.to_string())
-        .header(header::ACCEPT_RANGES, "bytes");
+    let mut b = passed_through(StatusCode::OK, digest, &HeaderMap::new());
     if let Some(n) = total {
         b = b.header(header::CONTENT_LENGTH, n);
     }
     Ok(b.body(body::stream(stream)).expect("valid response"))
+}
+
+/// The head of a blob response whose body comes from elsewhere (the upstream or the owner
+/// replica): its status, and its length and range as the source sent them.
+fn passed_through(
+    status: StatusCode,
+    digest: &Digest,
+    source: &HeaderMap,
+) -> http::response::Builder {
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::ACCEPT_RANGES, "bytes");
+    for h in [header::CONTENT_LENGTH, header::CONTENT_RANGE] {
+        if let Some(v) = source.get(&h) {
+            b = b.header(h, v.clone());
+        }
+    }
+    b
 }
 
 /// The owner's answer to this request (Range included), streamed through. The owner holds its
@@ -206,16 +222,7 @@ async fn relay(
         .cluster
         .forward(&via.owner, ctx.upstream.name(), &req)
         .await?;
-    let mut b = Response::builder()
-        .status(resp.status())
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("Docker-Content-Digest", digest.to_string())
-        .header(header::ACCEPT_RANGES, "bytes");
-    for h in [header::CONTENT_LENGTH, header::CONTENT_RANGE] {
-        if let Some(v) = resp.headers().get(&h) {
-            b = b.header(h, v.clone());
-        }
-    }
+    let b = passed_through(resp.status(), digest, resp.headers());
     let stream = resp.bytes_stream().map(|r| r.map_err(BoxError::from));
     Ok(b.body(body::stream(stream)).expect("valid response"))
 }
@@ -343,16 +350,7 @@ async fn bypass(ctx: &Ctx, digest: &Digest) -> Result<Response<Body>, ApiError> 
             .unwrap_or(0);
         return Err(ApiError::RangeNotSatisfiable { size });
     }
-    let mut b = Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("Docker-Content-Digest", digest.to_string())
-        .header(header::ACCEPT_RANGES, "bytes");
-    for h in [header::CONTENT_LENGTH, header::CONTENT_RANGE] {
-        if let Some(v) = resp.headers().get(&h) {
-            b = b.header(h, v.clone());
-        }
-    }
+    let b = passed_through(status, digest, resp.headers());
     let upstream = resp.bytes_stream().map(|r| r.map_err(BoxError::from));
     let body = if status == StatusCode::OK {
         body::stream(verified(upstream, digest.clone()))
