@@ -22,7 +22,7 @@
 //! The store is deleted after each size. Settings: `SCALE_SIZES` (comma-separated blob counts,
 //! default `10000,100000,1000000`), `SCALE_QUICK=1` (10 000 only, one start), `SCALE_ROUNDS`
 //! (starts per size, default 3), `SCALE_GETS` (default 2000), `SCALE_DIR` (where stores are
-//! written, default the temp folder). A run of the default sizes writes its table into
+//! written, default the temp folder), `SCALE_KEEP=1` (leave the stores there, to profile). A run of the default sizes writes its table into
 //! BENCHMARKS.md; other runs print only.
 
 #[path = "support/store_gen.rs"]
@@ -52,6 +52,8 @@ struct Settings {
     rounds: usize,
     gets: usize,
     dir: PathBuf,
+    /// Leave each store (and its entrepot.toml) in place, to profile by hand.
+    keep: bool,
 }
 
 impl Settings {
@@ -77,6 +79,7 @@ impl Settings {
             rounds: num("SCALE_ROUNDS", if quick { 1 } else { 3 })?.max(1),
             gets: num("SCALE_GETS", 2000)?.max(1),
             dir: var("SCALE_DIR").map_or_else(std::env::temp_dir, PathBuf::from),
+            keep: var("SCALE_KEEP").is_some_and(|v| v != "0"),
         })
     }
 }
@@ -562,7 +565,10 @@ async fn bench(s: Settings) -> Result<()> {
             t0.elapsed()
         );
         figures.push(measure(&s, dir.path(), &g).await?);
-        // The store goes with `dir` (removed on drop, on errors too).
+        if s.keep {
+            println!("  store kept in {} (SCALE_KEEP)", dir.keep().display());
+        }
+        // Otherwise the store goes with `dir` (removed on drop, on errors too).
     }
     let took = started.elapsed();
     let mut section = format!(

@@ -234,7 +234,7 @@ impl Server {
                         match &self.tls {
                             None => {
                                 let conn = builder
-                                    .serve_connection(TokioIo::new(stream), svc)
+                                    .serve_connection(TokioIo::new(crate::http::conn::Conn::new(stream)), svc)
                                     .into_owned();
                                 let conn = graceful.watch(conn);
                                 self.tracker.spawn(async move {

@@ -129,6 +129,7 @@ fn init_tracing(format: LogFormat) {
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
     entrepot::sys::tune_allocator();
+    entrepot::sys::raise_fd_limit();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {

@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS: &str = "entrepot_requests_total";
 pub const SERVED_BYTES: &str = "entrepot_served_bytes_total";
+pub const SENDFILE_BYTES: &str = "entrepot_sendfile_bytes_total";
 pub const UPSTREAM_REQUESTS: &str = "entrepot_upstream_requests_total";
 pub const UPSTREAM_DURATION: &str = "entrepot_upstream_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "entrepot_upstream_errors_total";
@@ -74,6 +75,10 @@ fn describe() {
     describe_counter!(
         SERVED_BYTES,
         "Body bytes sent to clients, by source: cache (stored content) or upstream (fills and bypass)."
+    );
+    describe_counter!(
+        SENDFILE_BYTES,
+        "Body bytes sent from stored blobs' files with sendfile, not copied through the process."
     );
     describe_counter!(
         UPSTREAM_REQUESTS,
@@ -174,6 +179,15 @@ pub fn request(upstream: &str, kind: &'static str, outcome: &'static str, status
         _ => "upstream",
     };
     counter!(SERVED_BYTES, "source" => source).increment(bytes);
+}
+
+/// `bytes` of a stored blob went to a client with `sendfile`. Called for every such write:
+/// the handle is looked up once (after the recorder is installed, as the first write is).
+pub fn sendfile_bytes(bytes: u64) {
+    static HANDLE: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| counter!(SENDFILE_BYTES))
+        .increment(bytes);
 }
 
 /// One upstream exchange: `status` is the HTTP status, or `None` when no answer came.

@@ -1,6 +1,7 @@
 //! The few calls into the C library that std does not wrap: tuning glibc's allocator for
-//! streaming (`tune_allocator`, `release_memory`) and reserving a fill's disk space up front
-//! (`reserve`). The only `unsafe` outside `cache::mapped`; each call says why it is sound.
+//! streaming (`tune_allocator`, `release_memory`), reserving a fill's disk space up front
+//! (`reserve`), the descriptor limit (`raise_fd_limit`, `fd_limit`) and `sendfile`. The only
+//! `unsafe` outside `cache::mapped`; each call says why it is sound.
 //!
 //! Why the allocator needs tuning (measured in BENCHMARKS.md, "Where a cold pull's CPU goes"):
 //! the upstream body arrives in hyper read buffers of ~400 KiB, held while followers and the
@@ -84,6 +85,99 @@ pub fn reserve(file: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The most descriptors the limit may ever allow here, whatever the hard limit says.
+const FD_CEILING: u64 = 1 << 20;
+
+/// The process's soft limit on open descriptors.
+pub fn fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit writes one rlimit into the struct it is given, which lives across
+    // the call.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if r != 0 {
+        return 1024;
+    }
+    lim.rlim_cur.min(FD_CEILING)
+}
+
+/// Raises the soft limit on open descriptors to the hard one (as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do): a server holding thousands of client connections, fills and
+/// cached blob files would run out at the usual soft 1024 long before the hard limit.
+/// Returns the soft limit in force afterwards.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: as in `fd_limit`; setrlimit only reads the struct, which lives across the call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            let want = lim.rlim_max.min(FD_CEILING);
+            if lim.rlim_cur < want {
+                lim.rlim_cur = want;
+                let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+    fd_limit()
+}
+
+/// Sends up to `len` bytes of `file` from `offset` into `socket` (a non-blocking TCP socket:
+/// `WouldBlock` when its buffer is full); returns how many were sent.
+pub fn sendfile(
+    socket: std::os::fd::BorrowedFd<'_>,
+    file: &File,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+    #[allow(unsafe_code)]
+    // SAFETY: both descriptors are open for the call (borrowed from owners that outlive it);
+    // the kernel reads and updates `off`, a local, and touches no other memory of ours.
+    let n = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Writes `bufs` into `socket` with `MSG_MORE`: more follows at once (a response's head
+/// before its body goes out with `sendfile`), so the kernel sends them in the same segments
+/// rather than the head alone in a packet of its own. Returns how many bytes were taken.
+pub fn send_more(
+    socket: std::os::fd::BorrowedFd<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY (all fields): a zeroed msghdr is valid (no name, no control data).
+    #[allow(unsafe_code)]
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is ABI-compatible with iovec on Unix (std documents it), and the kernel only
+    // reads the buffers, which `bufs` borrows across the call.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+    #[allow(unsafe_code)]
+    // SAFETY: `msg` points at `bufs` (see above) and lives across the call; the descriptor is
+    // borrowed from its owner for the call.
+    let n = unsafe {
+        libc::sendmsg(
+            socket.as_raw_fd(),
+            &msg,
+            libc::MSG_MORE | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +218,41 @@ mod tests {
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}"),
             Ok(()) => assert!(!reserves, "a filesystem that reserves must refuse 4 TiB"),
         }
+    }
+
+    #[test]
+    fn the_descriptor_limit_only_goes_up() {
+        let before = fd_limit();
+        assert!(before > 0);
+        assert!(raise_fd_limit() >= before);
+    }
+
+    #[test]
+    fn sendfile_sends_the_files_bytes_from_the_offset() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut inp, _) = listener.accept().unwrap();
+        let mut sent = 0;
+        while sent < 100_000 {
+            sent += sendfile(out.as_fd(), &file, 50_000 + sent as u64, 100_000 - sent).unwrap();
+        }
+        drop(out);
+        let mut got = Vec::new();
+        inp.read_to_end(&mut got).unwrap();
+        assert!(got == data[50_000..150_000], "other bytes than the file's");
+        // Past the end of the file there is nothing to send.
+        let (a, _b) = (
+            std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
+            listener.accept().unwrap(),
+        );
+        assert_eq!(sendfile(a.as_fd(), &file, 200_000, 10).unwrap(), 0);
     }
 
     #[test]

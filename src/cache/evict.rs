@@ -374,10 +374,12 @@ async fn evict_images(
     protected.extend(keep.iter().cloned());
     let usage = store.usage.clone();
     let p = plan(inv, total - low, |d| usage.last_use_in(inv, d), &protected);
+    let removing = std::time::Instant::now();
     store.remove(&p).await?;
     let left = total - p.freed;
     tracing::info!(
         before = total,
+        remove_ms = removing.elapsed().as_millis() as u64,
         after = left,
         freed = p.freed,
         blobs = p.blobs.len(),

@@ -2,20 +2,24 @@
 //! never written again (fills write temp files and rename them in), so a read-only mapping of it
 //! is stable for as long as it lives; serving a range is slicing `Bytes`, which hyper writes
 //! straight from the page cache: no read into a buffer, no blocking-pool hop per chunk.
+//!
+//! Each mapping of a stored blob also keeps its file open and is listed in a registry by
+//! address, so a connection that is about to write a slice of one can ask which file and
+//! offset it is (`file_of`) and send it with `sendfile` instead of copying it into the socket
+//! (`crate::http::conn`): the copy was a third of a 100 KiB hit's CPU (BENCHMARKS.md).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use bytes::Bytes;
 
 /// Maps a whole stored blob. Empty files cannot be mapped and need not be.
 pub fn map_file(path: &Path) -> io::Result<Bytes> {
-    map(&File::open(path)?)
-}
-
-/// Maps a whole file that is complete and will not change (a verified blob or spool file).
-pub fn map(file: &File) -> io::Result<Bytes> {
+    let file = File::open(path)?;
     let len = file.metadata()?.len();
     if len == 0 {
         return Ok(Bytes::new());
@@ -26,10 +30,90 @@ pub fn map(file: &File) -> io::Result<Bytes> {
     // could invalidate it, and nothing in entrepot does that. Measured reason for `unsafe`
     // here: warm blob serving without a read copy or a blocking-pool round trip per chunk.
     #[allow(unsafe_code)]
-    let map = unsafe { memmap2::Mmap::map(file)? };
+    let map = unsafe { memmap2::Mmap::map(&file)? };
     // Sequential readers are the common case; let the kernel read ahead.
     let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(Bytes::from_owner(map))
+    Ok(Bytes::from_owner(Registered::new(map, file)))
+}
+
+/// The file and offset of `slice` when it lies within one mapping of a stored blob whose
+/// file is kept open: the same bytes as the slice, readable with `pread` or `sendfile` while
+/// the caller holds the slice (which keeps the mapping, and so its entry, alive).
+pub fn file_of(slice: &[u8]) -> Option<(Arc<File>, u64)> {
+    let start = slice.as_ptr() as usize;
+    let end = start.checked_add(slice.len())?;
+    let regions = REGIONS.read().unwrap_or_else(|e| e.into_inner());
+    let (&base, region) = regions.range(..=start).next_back()?;
+    (end <= region.end).then(|| (region.file.clone(), (start - base) as u64))
+}
+
+/// A registered mapping: where it is, and its file.
+struct Region {
+    end: usize,
+    file: Arc<File>,
+}
+
+/// Live mappings of stored blobs whose files are kept open, by start address. An entry is
+/// added once its mapping exists and removed before it is unmapped, so an address found
+/// here while a slice of it is held is that slice's mapping.
+static REGIONS: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
+/// Open files kept by mappings, against `fd_budget`.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// How many files mappings may keep open: a quarter of the process's descriptor limit, so a
+/// low limit (1024 is common) is never used up by cached mappings; beyond it, mappings work
+/// as before, without `sendfile`.
+fn fd_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| (crate::sys::fd_limit() / 4) as usize)
+}
+
+/// The owner of a mapping in its `Bytes`: the map, and its registry entry while it has one.
+struct Registered {
+    map: memmap2::Mmap,
+    listed: bool,
+}
+
+impl Registered {
+    fn new(map: memmap2::Mmap, file: File) -> Registered {
+        let listed = HELD
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < fd_budget()).then_some(n + 1)
+            })
+            .is_ok();
+        if listed {
+            let start = map.as_ptr() as usize;
+            let region = Region {
+                end: start + map.len(),
+                file: Arc::new(file),
+            };
+            REGIONS
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(start, region);
+        }
+        Registered { map, listed }
+    }
+}
+
+impl AsRef<[u8]> for Registered {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        // Before the map field is dropped (unmapped): no later mapping at this address can
+        // be listed while this entry still is.
+        if self.listed {
+            REGIONS
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(self.map.as_ptr() as usize));
+            HELD.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Maps `range` of a file that is complete and will not change: the pages of one piece (an
@@ -53,6 +137,31 @@ pub fn map_range(file: &File, range: std::ops::Range<u64>) -> io::Result<Bytes> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slices_of_a_mapping_name_their_file_and_offset_until_it_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let map = map_file(&p).unwrap();
+        let part = map.slice(70_000..170_000);
+        let (file, offset) = file_of(&part).expect("a slice of a stored blob's mapping");
+        assert_eq!(offset, 70_000);
+        let mut read = vec![0u8; part.len()];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut read, offset).unwrap();
+        assert_eq!(read, &part[..]);
+        // Heap memory is no file's; the whole mapping is its file from offset 0.
+        assert!(file_of(&data[10..20]).is_none());
+        assert_eq!(file_of(&map).unwrap().1, 0);
+        let addr = map.as_ptr() as usize;
+        drop((map, part));
+        let regions = REGIONS.read().unwrap();
+        assert!(
+            !regions.contains_key(&addr),
+            "dropped mappings leave the registry"
+        );
+    }
 
     #[test]
     fn maps_whole_files_and_empty_ones() {

@@ -14,6 +14,7 @@ pub mod links;
 pub mod lock;
 pub mod manifests;
 mod mapped;
+pub use mapped::file_of;
 pub mod pins;
 pub mod read;
 pub mod referrers;
@@ -30,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures_util::{stream, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,6 +49,13 @@ const SHARED_PROBE: std::time::Duration = std::time::Duration::from_secs(5);
 /// How many blob mappings to keep. Mappings cost address space, not memory: their pages are
 /// the page cache's.
 const MAPPED_BLOBS: u64 = 4096;
+/// Removals of an eviction in flight at once.
+const REMOVALS_AT_ONCE: usize = 32;
+
+/// The items of an eviction plan's list, as a stream for `try_for_each_concurrent`.
+fn each<T>(items: &[T]) -> impl futures_util::Stream<Item = io::Result<&T>> {
+    stream::iter(items.iter().map(Ok))
+}
 
 /// What the store has for a blob digest.
 pub enum BlobState {
@@ -478,23 +487,33 @@ impl Store {
         if plan.blobs.is_empty() && plan.tags.is_empty() && plan.manifests.is_empty() {
             return Ok(());
         }
-        for t in &plan.tags {
-            self.tags.forget(&t.upstream, &t.repo, &t.tag);
-            self.meta.delete(&t.key).await?;
-        }
-        for d in &plan.manifests {
-            self.manifest_cache.invalidate(d);
-            self.meta.delete(&layout::manifest_type(d)).await?;
-        }
-        for d in &plan.blobs {
-            self.mapped.invalidate(d);
-            self.shared_seen.invalidate(d);
-            self.manifest_cache.invalidate(d);
-            self.blobs.delete(d).await?;
-            if self.tiered {
-                self.local.delete(d).await?;
-            }
-        }
+        // Each phase's removals run side by side: one removal mostly waits on the disk (ext4
+        // discards a freed extent before unlink returns) or on a bucket's answer, and one at a
+        // time made the eviction of 114k blobs from a 1M store take 33 s (BENCHMARKS.md).
+        each(&plan.tags)
+            .try_for_each_concurrent(REMOVALS_AT_ONCE, |t| async move {
+                self.tags.forget(&t.upstream, &t.repo, &t.tag);
+                self.meta.delete(&t.key).await
+            })
+            .await?;
+        each(&plan.manifests)
+            .try_for_each_concurrent(REMOVALS_AT_ONCE, |d| async move {
+                self.manifest_cache.invalidate(d);
+                self.meta.delete(&layout::manifest_type(d)).await
+            })
+            .await?;
+        each(&plan.blobs)
+            .try_for_each_concurrent(REMOVALS_AT_ONCE, |d| async move {
+                self.mapped.invalidate(d);
+                self.shared_seen.invalidate(d);
+                self.manifest_cache.invalidate(d);
+                self.blobs.delete(d).await?;
+                if self.tiered {
+                    self.local.delete(d).await?;
+                }
+                Ok(())
+            })
+            .await?;
         self.usage.removed(&plan.blobs);
         // With shared storage the totals are the local tier's, recounted by its sweep.
         if !self.tiered {
@@ -614,6 +633,82 @@ mod tests {
             )
             .unwrap(),
         )
+    }
+
+    /// Blobs on the memory backend whose removals take a while and are counted in flight.
+    #[derive(Default)]
+    struct SlowDeletes {
+        inner: backend::memory::Memory,
+        in_flight: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl backend::Blobs for SlowDeletes {
+        fn stat<'a>(&'a self, d: &'a Digest) -> backend::Io<'a, Option<u64>> {
+            self.inner.stat(d)
+        }
+        fn open<'a>(&'a self, d: &'a Digest) -> backend::Io<'a, Option<Bytes>> {
+            self.inner.open(d)
+        }
+        fn read<'a>(&'a self, d: &'a Digest) -> backend::Io<'a, Option<Bytes>> {
+            self.inner.read(d)
+        }
+        fn read_range<'a>(
+            &'a self,
+            d: &'a Digest,
+            r: std::ops::Range<u64>,
+        ) -> backend::Io<'a, Option<Bytes>> {
+            self.inner.read_range(d, r)
+        }
+        fn commit<'a>(&'a self, d: &'a Digest, spool: temp::TempFile) -> backend::Io<'a, ()> {
+            self.inner.commit(d, spool)
+        }
+        fn put<'a>(&'a self, d: &'a Digest, data: Bytes) -> backend::Io<'a, ()> {
+            self.inner.put(d, data)
+        }
+        fn delete<'a>(&'a self, d: &'a Digest) -> backend::Io<'a, ()> {
+            Box::pin(async move {
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.inner.delete(d).await
+            })
+        }
+        fn list(&self) -> backend::Io<'_, Vec<backend::BlobInfo>> {
+            self.inner.list()
+        }
+    }
+
+    /// Regression: an eviction removed one blob at a time, each removal waiting on the disk
+    /// (ext4 discards the freed extent before unlink returns), so evicting 114k blobs from a
+    /// 1M store took 33 s and the sweep grew worse than linearly. Removals now overlap.
+    #[tokio::test(start_paused = true)]
+    async fn an_evictions_removals_run_side_by_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Arc::new(SlowDeletes::default());
+        let meta = Arc::new(backend::memory::Memory::default());
+        let store = Store::with_backends(
+            dir.path(),
+            blobs.clone(),
+            meta,
+            None,
+            Clock::default(),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let mut plan = evict::Plan::default();
+        for i in 0..100u32 {
+            let d = Digest::sha256_of(&i.to_be_bytes());
+            blobs.put(&d, Bytes::from(vec![1u8; 10])).await.unwrap();
+            plan.blobs.push(d);
+            plan.freed += 10;
+        }
+        store.remove(&plan).await.unwrap();
+        assert!(blobs.list().await.unwrap().is_empty(), "every blob removed");
+        let most = blobs.most.load(Ordering::SeqCst);
+        assert_eq!(most, REMOVALS_AT_ONCE, "removals in flight at once");
     }
 
     /// The store works on any backend: manifests, tags, pins, use stamps, listing and removal

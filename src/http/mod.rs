@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod admin;
 mod blobs;
 pub mod body;
+pub mod conn;
 mod manifests;
 mod passthrough;
 mod scope;

@@ -1,0 +1,135 @@
+//! A plain TCP connection as hyper sees it, with one difference: a write that starts with a
+//! slice of a stored blob's mapping is sent from the blob's file with `sendfile` instead of
+//! being copied from the mapping into the socket. hyper hands its body frames (slices of the
+//! mapped blob, `cache::read::slices`) to `poll_write_vectored` as they are, after the
+//! response head; the head goes out first (`MSG_MORE`: in the same segments as what
+//! follows), the body from the page cache.
+//! The kernel then sends pages it already has, as nginx does: the copy was a third of the CPU
+//! of a 100 KiB hit (BENCHMARKS.md, "Where a hit's CPU goes").
+//!
+//! Only the bytes are taken from elsewhere, never their order or count: `cache::file_of`
+//! names the file and offset holding exactly the slice's bytes (stored blobs are never
+//! written again), and whatever it does not know (heap buffers, the head, TLS records) is
+//! written as before.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Body slices smaller than this are copied: a `sendfile` call (and the head's own send)
+/// costs more than their copy. HTTP/2's 16 KiB DATA frames stay below it.
+const SENDFILE_MIN: usize = 32 * 1024;
+
+pub struct Conn {
+    stream: TcpStream,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Conn {
+        Conn { stream }
+    }
+
+    /// Sends what it can of the file's bytes that `slice` shows, waiting for room first.
+    fn poll_sendfile(
+        &mut self,
+        cx: &mut Context<'_>,
+        slice: &[u8],
+        file: &std::fs::File,
+        offset: u64,
+    ) -> Poll<io::Result<usize>> {
+        use std::os::fd::AsFd;
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            let sent = self.stream.try_io(Interest::WRITABLE, || {
+                crate::sys::sendfile(self.stream.as_fd(), file, offset, slice.len())
+            });
+            match sent {
+                // The file ends before the slice does: it cannot be this slice's file after
+                // all. Never the case for a stored blob; write the slice itself.
+                Ok(0) => return Pin::new(&mut self.stream).poll_write(cx, slice),
+                Ok(n) => {
+                    crate::metrics::sendfile_bytes(n as u64);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // A socket or file that sendfile does not take: copy, as before.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                    return Pin::new(&mut self.stream).poll_write(cx, slice);
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // Up to the first slice that a file holds; that slice alone when it comes first.
+        let mut plain = bufs.len();
+        for (i, b) in bufs.iter().enumerate() {
+            if b.len() < SENDFILE_MIN {
+                continue;
+            }
+            if let Some((file, offset)) = crate::cache::file_of(b) {
+                if i == 0 {
+                    return this.poll_sendfile(cx, b, &file, offset);
+                }
+                plain = i;
+                break;
+            }
+        }
+        if plain == bufs.len() {
+            return Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        }
+        // The head before a file's bytes: held back until they follow, so both leave in the
+        // same segments (alone, the head cost a packet and its receipt: a fifth of a hit).
+        use std::os::fd::AsFd;
+        loop {
+            ready!(this.stream.poll_write_ready(cx))?;
+            match this.stream.try_io(Interest::WRITABLE, || {
+                crate::sys::send_more(this.stream.as_fd(), &bufs[..plain])
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
