@@ -154,6 +154,8 @@ struct Settings {
     install: bool,
     /// nginx copies with sendfile (the issue's reference) or with read/write.
     nginx_sendfile: bool,
+    /// nginx writes an access log line per request, as entrepot does (`COMPARE_NGINX_ACCESS_LOG=on`).
+    nginx_access_log: bool,
     /// `ENTREPOT_LOG` for entrepot; None keeps its default (info, with the access log).
     entrepot_log: Option<String>,
     /// The `COMPARE_*` variables that were set, to print with the command.
@@ -173,7 +175,8 @@ impl Settings {
     /// scenarios), `COMPARE_WRITE=0|1` (BENCHMARKS.md; default: a block is rewritten when every
     /// scenario of it ran, not in a quick run), `COMPARE_INSTALL=0`
     /// (skip .ci/install-bench-deps.sh), `COMPARE_ENTREPOT_LOG` (entrepot's log filter),
-    /// `COMPARE_NGINX_SENDFILE=off` (nginx copies through buffers instead).
+    /// `COMPARE_NGINX_SENDFILE=off` (nginx copies through buffers instead),
+    /// `COMPARE_NGINX_ACCESS_LOG=on` (nginx logs every request to a file, as entrepot does).
     fn from_env(args: &[String]) -> Result<Self> {
         let mut overrides = Vec::new();
         let mut var = |name: &str| -> Option<String> {
@@ -254,6 +257,8 @@ impl Settings {
         let install = var("COMPARE_INSTALL").is_none_or(|v| v != "0");
         let entrepot_log = var("COMPARE_ENTREPOT_LOG");
         let nginx_sendfile = var("COMPARE_NGINX_SENDFILE").is_none_or(|v| v != "0" && v != "off");
+        let nginx_access_log =
+            var("COMPARE_NGINX_ACCESS_LOG").is_some_and(|v| v != "0" && v != "off");
         ensure!(
             rounds > 0
                 && blob_mib > 0
@@ -285,6 +290,7 @@ impl Settings {
             install,
             entrepot_log,
             nginx_sendfile,
+            nginx_access_log,
             overrides,
             filters,
         })
@@ -868,6 +874,7 @@ impl Bench {
                 &self.tmp.path().join("nginx"),
                 &self.upstream_dir,
                 self.s.nginx_sendfile,
+                self.s.nginx_access_log,
             )
             .await?;
             for (proxy, instance) in [
@@ -2024,13 +2031,14 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
     ));
     match block {
         Block::Fs => out.push_str(&format!(
-            "Peers: {}; {} (sendfile {}); {}.\n\n\
+            "Peers: {}; {} (sendfile {}, access log {}); {}.\n\n\
              Sizes: big layer {}, small blob {}, {} round(s) per scenario (peers alternating), \
              wrk -t{} -c{} -d{}s, {} cold / {} warm concurrent clients, {} blobs for start-up. \
              entrepot log filter: {}.\n\n",
             m.versions[0],
             m.versions[1],
             if s.nginx_sendfile { "on" } else { "off" },
+            if s.nginx_access_log { "on" } else { "off" },
             m.versions[2],
             size_label(s.blob),
             size_label(s.small),

@@ -41,6 +41,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod oci;
 pub mod server_tls;

@@ -120,7 +120,7 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(entrepot::logging::Output::stderr());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -132,6 +132,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     entrepot::sys::raise_fd_limit();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    // Access lines held for a moment under load are written before main returns or a panic.
+    let _logs = entrepot::logging::FlushOnDrop;
+    entrepot::logging::flush_on_panic();
     match cli.command {
         Command::Serve {
             config,

@@ -483,7 +483,12 @@ pub fn entrepot_command(
 /// 1 MiB buffers), one worker per core and an open-file cache
 /// (the reference should be the best a file server does here: entrepot keeps its blobs open
 /// too); no access log. Everything it writes stays under `dir`.
-pub async fn start_nginx(dir: &Path, registry_dir: &Path, sendfile: bool) -> Result<Server> {
+pub async fn start_nginx(
+    dir: &Path,
+    registry_dir: &Path,
+    sendfile: bool,
+    access_log: bool,
+) -> Result<Server> {
     let bin = find_program("nginx")?;
     fs::create_dir_all(dir.join("tmp"))?;
     let blobs = registry_dir.join("data/docker/registry/v2/blobs/sha256");
@@ -495,13 +500,19 @@ pub async fn start_nginx(dir: &Path, registry_dir: &Path, sendfile: bool) -> Res
     } else {
         "sendfile off;\n  output_buffers 2 1m;"
     };
+    // nginx's default is a line per request, unbuffered; the bench's is none.
+    let log = if access_log {
+        format!("access_log {}/access.log;", dir.display())
+    } else {
+        "access_log off;".to_owned()
+    };
     Server::start(|port| {
         let d = dir.display();
         let conf = format!(
             "{user}daemon off;\nmaster_process on;\nworker_processes auto;\n\
              pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  {copy}\n  tcp_nodelay on;\n  \
+             http {{\n  {log}\n  {copy}\n  tcp_nodelay on;\n  \
              keepalive_requests 1000000;\n  keepalive_timeout 120s;\n  \
              open_file_cache max=10000 inactive=120s;\n  open_file_cache_valid 120s;\n  \
              default_type application/octet-stream;\n  \
