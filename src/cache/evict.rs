@@ -739,7 +739,7 @@ mod properties {
     /// with others, so the plan's numbering must settle equal sort keys by the digests.
     fn nth(i: usize) -> Digest {
         let hex = Digest::sha256_of(&i.to_le_bytes()).hex().to_owned();
-        let hex = if i % 3 == 0 {
+        let hex = if i.is_multiple_of(3) {
             format!("{:016x}{}", i % 2, &hex[16..])
         } else {
             hex
