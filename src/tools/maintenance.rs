@@ -5,8 +5,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+
+use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use crate::cache::evict::{self, Plan};
 use crate::cache::inventory::Inventory;
@@ -100,6 +102,8 @@ fn when(stamp_ms: u64) -> String {
 /// `cache ls`: every tag (and untagged image) with its size and last use.
 pub fn ls(t: &Target, out: &mut impl io::Write) -> Result<(), MaintenanceError> {
     let (store, inv) = run(t.open())?;
+    // A line a tag: a year-old store lists a hundred thousand.
+    let mut out = io::BufWriter::new(out);
     writeln!(
         out,
         "{:<40} {:<20} {:<19} {:>10}  LAST USED",
@@ -135,6 +139,7 @@ pub fn ls(t: &Target, out: &mut impl io::Write) -> Result<(), MaintenanceError> 
         inv.tags.len(),
         human_size(inv.total_bytes())
     )?;
+    out.flush()?;
     Ok(())
 }
 
@@ -230,9 +235,17 @@ pub fn verify(t: &Target, out: &mut impl io::Write) -> Result<usize, Maintenance
         digests.sort();
         let mut bad = Vec::new();
         let mut bytes = 0;
-        for d in digests {
-            let size = inv.blobs[d].0;
-            let Some(actual) = hash_stored(&store, d, size).await? else {
+        // Several blobs read and hashed at once (in digest order all the same): one at a time
+        // kept one core busy and left the disk waiting between files (issue 13).
+        let mut checked = futures_util::stream::iter(digests)
+            .map(|d| {
+                let size = inv.blobs[d].0;
+                let store = &store;
+                async move { io::Result::Ok((d, size, hash_stored(store, d, size).await?)) }
+            })
+            .buffered(VERIFY_AT_ONCE);
+        while let Some((d, size, actual)) = checked.try_next().await? {
+            let Some(actual) = actual else {
                 continue; // removed meanwhile
             };
             bytes += size;
@@ -277,15 +290,28 @@ pub fn verify(t: &Target, out: &mut impl io::Write) -> Result<usize, Maintenance
     })
 }
 
+/// Blobs `cache verify` reads and hashes at once.
+const VERIFY_AT_ONCE: usize = 16;
+
 /// The digest of a stored blob's bytes, read piece by piece (a bucket's blobs are never held
-/// whole in memory); `None` when it is gone.
+/// whole in memory); `None` when it is gone. Large pieces are hashed on the blocking pool, so
+/// several blobs are hashed on several cores.
 async fn hash_stored(store: &Store, d: &Digest, size: u64) -> io::Result<Option<Digest>> {
     const PIECE: u64 = 8 << 20;
+    const HASHED_APART: usize = 64 << 10;
     let mut h = Hasher::new(d.algorithm());
     let mut off = 0;
     while off < size {
         let end = (off + PIECE).min(size);
         match store.blobs().read_range(d, off..end).await {
+            Ok(Some(piece)) if piece.len() >= HASHED_APART => {
+                h = tokio::task::spawn_blocking(move || {
+                    h.update(&piece);
+                    h
+                })
+                .await
+                .map_err(io::Error::other)?;
+            }
             Ok(Some(piece)) => h.update(&piece),
             Ok(None) => return Ok(None),
             // Shorter than listed: corrupt (a truncated file).

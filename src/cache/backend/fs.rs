@@ -5,6 +5,7 @@
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
@@ -89,6 +90,14 @@ impl Blobs for Fs {
         )
     }
 
+    fn read_many<'a>(&'a self, digests: &'a [Digest]) -> Io<'a, Vec<Option<Bytes>>> {
+        let paths = digests
+            .iter()
+            .map(|d| self.path(&layout::blob(d)))
+            .collect();
+        Box::pin(blocking(move || read_files(paths)))
+    }
+
     fn read_range<'a>(&'a self, digest: &'a Digest, range: Range<u64>) -> Io<'a, Option<Bytes>> {
         let p = self.path(&layout::blob(digest));
         Box::pin(blocking(move || {
@@ -134,11 +143,11 @@ impl Blobs for Fs {
             // Straight from the two levels of folders (`blobs/<alg>/<hex>`): a year-old store
             // lists a million blobs, and a sorted list of their keys first cost as much memory
             // again as the listing itself (issue 13).
-            let mut out = Vec::new();
+            let out = Mutex::new(Vec::new());
             let top = layout::path(&root, layout::BLOBS);
             let algorithms = match std::fs::read_dir(&top) {
                 Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
                 Err(e) => return Err(e),
             };
             for alg in algorithms {
@@ -146,39 +155,73 @@ impl Blobs for Fs {
                 let Ok(alg_name) = alg.file_name().into_string() else {
                     continue;
                 };
-                if !alg.file_type()?.is_dir() {
-                    continue;
-                }
-                for entry in std::fs::read_dir(alg.path())? {
-                    let entry = entry?;
-                    let Ok(name) = entry.file_name().into_string() else {
-                        continue;
-                    };
-                    let key = format!("{}{alg_name}/{name}", layout::BLOBS);
-                    let Some(digest) = layout::parse_digest_key(&key) else {
-                        continue;
-                    };
-                    let Ok(meta) = entry.metadata() else {
-                        continue; // removed meanwhile
-                    };
-                    if !meta.is_file() {
-                        continue;
-                    }
-                    let committed_ms = meta
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_millis() as u64);
-                    out.push(BlobInfo {
-                        digest,
-                        size: meta.len(),
-                        committed_ms,
-                    });
+                if alg.file_type()?.is_dir() {
+                    list_folder(&alg.path(), &alg_name, &out)?;
                 }
             }
-            Ok(out)
+            Ok(out.into_inner().unwrap_or_else(|e| e.into_inner()))
         }))
     }
+}
+
+/// Entries of a blob folder handed to a thread that looks them up, at a time.
+const LIST_BATCH: usize = 1024;
+
+/// Adds the blobs in `dir` (`blobs/<alg>/`) to `out`. Blocking. The folder is read on this
+/// thread while one thread a core (at most four) looks up each file's size and time: the
+/// `statx` calls are most of listing a million blobs (2.3 s on one thread, 1.5-2.1 s on two,
+/// on the 2-core bench machine).
+fn list_folder(dir: &Path, alg: &str, out: &Mutex<Vec<BlobInfo>>) -> io::Result<()> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<std::fs::DirEntry>>(workers * 2);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|s| {
+        // Moved in: dropped on every way out (an error reading the folder too), so the
+        // workers' `recv` ends and the scope can finish.
+        let tx = tx;
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let Ok(batch) = rx.lock().unwrap_or_else(|e| e.into_inner()).recv() else {
+                    break;
+                };
+                let found: Vec<BlobInfo> = batch.iter().filter_map(|e| blob_info(alg, e)).collect();
+                out.lock().unwrap_or_else(|e| e.into_inner()).extend(found);
+            });
+        }
+        let mut batch = Vec::with_capacity(LIST_BATCH);
+        for entry in std::fs::read_dir(dir)? {
+            batch.push(entry?);
+            if batch.len() == LIST_BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(LIST_BATCH));
+                if tx.send(full).is_err() {
+                    break; // the workers are gone (a panic, reported by the scope)
+                }
+            }
+        }
+        let _ = tx.send(batch);
+        Ok(())
+    })
+}
+
+/// A blob folder's entry as a listed blob; `None` for anything that is not a blob file (or
+/// was removed meanwhile).
+fn blob_info(alg: &str, entry: &std::fs::DirEntry) -> Option<BlobInfo> {
+    let name = entry.file_name().into_string().ok()?;
+    let digest = layout::parse_digest_key(&format!("{}{alg}/{name}", layout::BLOBS))?;
+    let meta = entry.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let committed_ms = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    Some(BlobInfo {
+        digest,
+        size: meta.len(),
+        committed_ms,
+    })
 }
 
 impl Meta for Fs {
@@ -187,6 +230,11 @@ impl Meta for Fs {
         Box::pin(
             async move { not_found_is_none(tokio::fs::read(&p).await).map(|b| b.map(Bytes::from)) },
         )
+    }
+
+    fn get_many<'a>(&'a self, keys: &'a [String]) -> Io<'a, Vec<Option<Bytes>>> {
+        let paths = keys.iter().map(|k| self.path(k)).collect();
+        Box::pin(blocking(move || read_files(paths)))
     }
 
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> Io<'a, ()> {
@@ -214,6 +262,14 @@ impl Meta for Fs {
         let prefix = prefix.to_owned();
         Box::pin(blocking(move || walk(&root, &prefix)))
     }
+}
+
+/// The contents of `paths`, in order (`None` for a file that is not there). Blocking.
+fn read_files(paths: Vec<PathBuf>) -> io::Result<Vec<Option<Bytes>>> {
+    paths
+        .iter()
+        .map(|p| not_found_is_none(std::fs::read(p)).map(|b| b.map(Bytes::from)))
+        .collect()
 }
 
 /// The keys of the files under `root` whose key starts with `prefix`, sorted. Blocking.

@@ -16,12 +16,16 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use super::temp::TempFile;
 use crate::oci::Digest;
 
 /// What a backend call returns.
 pub type Io<'a, T> = BoxFuture<'a, io::Result<T>>;
+
+/// Reads in flight at once in the default `read_many` and `get_many`.
+const MANY_AT_ONCE: usize = 16;
 
 /// A stored blob as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +46,19 @@ pub trait Blobs: Send + Sync {
 
     /// The whole blob read into memory: for small ones (manifests) that are kept in a cache.
     fn read<'a>(&'a self, digest: &'a Digest) -> Io<'a, Option<Bytes>>;
+
+    /// Several whole small blobs (the manifests a listing reads), in the order asked; `None`
+    /// for one that is not there. For sweeps and tools: the default reads them side by side,
+    /// a folder in one blocking task (a hop to the blocking pool per file was a third of a
+    /// sweep's CPU at 1M blobs).
+    fn read_many<'a>(&'a self, digests: &'a [Digest]) -> Io<'a, Vec<Option<Bytes>>> {
+        Box::pin(
+            futures_util::stream::iter(digests)
+                .map(|d| self.read(d))
+                .buffered(MANY_AT_ONCE)
+                .try_collect(),
+        )
+    }
 
     /// Bytes `range` of a blob (a fill from shared storage reads it piece by piece); `None`
     /// when the blob is not there.
@@ -100,6 +117,17 @@ pub trait Meta: Send + Sync {
     /// The record at `key`, if any.
     fn get<'a>(&'a self, key: &'a str) -> Io<'a, Option<Bytes>>;
 
+    /// The records at `keys`, in the order asked (`None` where there is none). For sweeps and
+    /// tools; as `Blobs::read_many`.
+    fn get_many<'a>(&'a self, keys: &'a [String]) -> Io<'a, Vec<Option<Bytes>>> {
+        Box::pin(
+            futures_util::stream::iter(keys)
+                .map(|k| self.get(k))
+                .buffered(MANY_AT_ONCE)
+                .try_collect(),
+        )
+    }
+
     /// Replaces the record atomically and durably: readers see the old or the new value.
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> Io<'a, ()>;
 
@@ -135,6 +163,16 @@ pub(crate) mod conformance {
 
         let m = Digest::sha256_of(b"{}");
         b.put(&m, Bytes::from_static(b"{}")).await.unwrap();
+        let absent = Digest::sha256_of(b"absent");
+        let many = b.read_many(&[m.clone(), absent, d.clone()]).await.unwrap();
+        assert_eq!(
+            many,
+            vec![
+                Some(Bytes::from_static(b"{}")),
+                None,
+                Some(Bytes::copy_from_slice(spool_bytes))
+            ]
+        );
         // Putting the same content again is fine (commits are idempotent).
         b.put(&m, Bytes::from_static(b"{}")).await.unwrap();
         let mut listed: Vec<Digest> = b
@@ -171,6 +209,20 @@ pub(crate) mod conformance {
         let t2 = "meta/tags/up/a/_tags/2";
         assert!(m.put_if_absent(t1, Bytes::from_static(b"x")).await.unwrap());
         m.put(t2, Bytes::from_static(b"y")).await.unwrap();
+        assert_eq!(
+            m.get_many(&[
+                t2.to_owned(),
+                "meta/tags/up/none/_tags/1".to_owned(),
+                t1.to_owned()
+            ])
+            .await
+            .unwrap(),
+            vec![
+                Some(Bytes::from_static(b"y")),
+                None,
+                Some(Bytes::from_static(b"x"))
+            ]
+        );
         assert_eq!(
             m.list(layout::TAGS).await.unwrap(),
             vec![t2.to_owned(), t1.to_owned()]
