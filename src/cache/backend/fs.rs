@@ -310,6 +310,36 @@ mod tests {
     use super::*;
     use crate::cache::backend::conformance;
 
+    /// The listing is split between threads in batches: every blob comes back once, with its
+    /// size, across several batches; what is not a blob file does not.
+    #[tokio::test]
+    async fn lists_every_blob_of_a_large_folder_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Fs::at(dir.path()).unwrap();
+        let n = 3 * LIST_BATCH + 17;
+        let mut want = Vec::new();
+        for i in 0..n {
+            let data = vec![7u8; i % 50];
+            let d = Digest::sha256_of(&(i as u32).to_be_bytes());
+            let p = layout::path(dir.path(), &layout::blob(&d));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, &data).unwrap();
+            want.push((d, data.len() as u64));
+        }
+        let folder = dir.path().join(layout::BLOBS).join("sha256");
+        std::fs::write(folder.join("not-a-digest"), b"x").unwrap();
+        std::fs::create_dir(folder.join(Digest::sha256_of(b"dir").hex())).unwrap();
+        let mut got: Vec<(Digest, u64)> = Blobs::list(&fs)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.digest, b.size))
+            .collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
     #[tokio::test]
     async fn behaves_as_a_backend() {
         let dir = tempfile::tempdir().unwrap();
