@@ -635,6 +635,24 @@ mod tests {
         )
     }
 
+    /// Stores a layer `layer` (its bytes are not its digest's: nothing here checks) and a
+    /// manifest of that one layer.
+    async fn store_image(store: &Store, layer: &Digest) -> Arc<StoredManifest> {
+        store
+            .blobs()
+            .put(layer, Bytes::from_static(b"layer"))
+            .await
+            .unwrap();
+        let body = format!(r#"{{"layers":[{{"digest":"{layer}"}}]}}"#);
+        let m = Arc::new(StoredManifest {
+            digest: Digest::sha256_of(body.as_bytes()),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            body: Bytes::from(body),
+        });
+        store.put_manifest(m.clone()).await.unwrap();
+        m
+    }
+
     /// The memory backend, whose removals and reads (of blobs and of records) take a while
     /// and are counted in flight.
     #[derive(Default)]
@@ -765,17 +783,7 @@ mod tests {
         let mut manifests = Vec::new();
         for i in 0..60u32 {
             let layer = Digest::sha256_of(&i.to_be_bytes());
-            blobs
-                .put(&layer, Bytes::from_static(b"layer"))
-                .await
-                .unwrap();
-            let body = format!(r#"{{"layers":[{{"digest":"{layer}"}}]}}"#);
-            let m = Arc::new(StoredManifest {
-                digest: Digest::sha256_of(body.as_bytes()),
-                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                body: Bytes::from(body),
-            });
-            store.put_manifest(m.clone()).await.unwrap();
+            let m = store_image(&store, &layer).await;
             let tag: crate::oci::Tag = format!("v{i}").parse().unwrap();
             store
                 .tags
@@ -823,18 +831,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = memory_store(dir.path());
         let layer = Digest::sha256_of(b"layer");
-        store
-            .blobs()
-            .put(&layer, Bytes::from_static(b"layer"))
-            .await
-            .unwrap();
-        let body = format!(r#"{{"layers":[{{"digest":"{layer}"}}]}}"#);
-        let m = Arc::new(StoredManifest {
-            digest: Digest::sha256_of(body.as_bytes()),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            body: Bytes::from(body),
-        });
-        store.put_manifest(m.clone()).await.unwrap();
+        let m = store_image(&store, &layer).await;
         let up: Arc<str> = "up".into();
         let repo: crate::oci::RepoName = "team/app".parse().unwrap();
         let tag: crate::oci::Tag = "v1".parse().unwrap();

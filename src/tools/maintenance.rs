@@ -237,11 +237,13 @@ pub fn verify(t: &Target, out: &mut impl io::Write) -> Result<usize, Maintenance
         let mut bytes = 0;
         // Several blobs read and hashed at once (in digest order all the same): one at a time
         // kept one core busy and left the disk waiting between files (issue 13).
+        let budget = tokio::sync::Semaphore::new(VERIFY_BYTES_AT_ONCE / BUDGET_UNIT);
         let mut checked = futures_util::stream::iter(digests)
             .map(|d| {
                 let size = inv.blobs[d].0;
                 let store = &store;
-                async move { io::Result::Ok((d, size, hash_stored(store, d, size).await?)) }
+                let budget = &budget;
+                async move { io::Result::Ok((d, size, hash_stored(store, budget, d, size).await?)) }
             })
             .buffered(VERIFY_AT_ONCE);
         while let Some((d, size, actual)) = checked.try_next().await? {
@@ -292,17 +294,32 @@ pub fn verify(t: &Target, out: &mut impl io::Write) -> Result<usize, Maintenance
 
 /// Blobs `cache verify` reads and hashes at once.
 const VERIFY_AT_ONCE: usize = 16;
+/// Bytes `cache verify` holds in memory at once, across the blobs it checks side by side
+/// (counted in units: a small blob takes one, a piece of 8 MiB 128), so large layers are not
+/// held 16 pieces at a time.
+const VERIFY_BYTES_AT_ONCE: usize = 64 << 20;
+const BUDGET_UNIT: usize = 64 << 10;
+/// How much of a blob `cache verify` reads at a time.
+const PIECE: u64 = 8 << 20;
+// A piece must fit in the budget, or its wait would never end.
+const _: () = assert!(PIECE as usize <= VERIFY_BYTES_AT_ONCE);
 
 /// The digest of a stored blob's bytes, read piece by piece (a bucket's blobs are never held
-/// whole in memory); `None` when it is gone. Large pieces are hashed on the blocking pool, so
-/// several blobs are hashed on several cores.
-async fn hash_stored(store: &Store, d: &Digest, size: u64) -> io::Result<Option<Digest>> {
-    const PIECE: u64 = 8 << 20;
+/// whole in memory) within `budget`; `None` when it is gone. Large pieces are hashed on the
+/// blocking pool, so several blobs are hashed on several cores.
+async fn hash_stored(
+    store: &Store,
+    budget: &tokio::sync::Semaphore,
+    d: &Digest,
+    size: u64,
+) -> io::Result<Option<Digest>> {
     const HASHED_APART: usize = 64 << 10;
     let mut h = Hasher::new(d.algorithm());
     let mut off = 0;
     while off < size {
         let end = (off + PIECE).min(size);
+        let units = ((end - off) as usize).div_ceil(BUDGET_UNIT) as u32;
+        let _held = budget.acquire_many(units).await.map_err(io::Error::other)?;
         match store.blobs().read_range(d, off..end).await {
             Ok(Some(piece)) if piece.len() >= HASHED_APART => {
                 h = tokio::task::spawn_blocking(move || {
@@ -392,4 +409,61 @@ pub fn target(config: Option<&Path>, root: Option<PathBuf>) -> Result<Target, co
         .or_else(|| config.as_ref().map(|c| c.storage.root.clone()))
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_ROOT));
     Ok(Target { root, config })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::layout;
+
+    /// `cache verify` checks blobs side by side, large ones piece by piece within its byte
+    /// budget: every corrupt blob is found (a large one corrupt only in its last piece too),
+    /// quarantined and removed, and every sound one stays.
+    #[test]
+    fn verify_finds_every_corrupt_blob_among_many_checked_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        crate::cache::backend::fs::Fs::at(root).unwrap();
+        let write = |content: &[u8], stored: &[u8]| {
+            let d = Digest::sha256_of(content);
+            let p = layout::path(root, &layout::blob(&d));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, stored).unwrap();
+            d
+        };
+        let (mut sound, mut corrupt) = (Vec::new(), Vec::new());
+        for i in 0..200u32 {
+            let content = format!("blob {i}").into_bytes();
+            if i % 50 == 7 {
+                corrupt.push(write(&content, b"something else"));
+            } else {
+                sound.push(write(&content, &content));
+            }
+        }
+        // 20 MiB: three pieces; the flipped byte is in the last.
+        let large: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+        sound.push(write(&large, &large));
+        let mut bad = large.clone();
+        bad.reverse();
+        let mut flipped = bad.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        corrupt.push(write(&bad, &flipped));
+
+        let target = Target {
+            root: root.to_path_buf(),
+            config: None,
+        };
+        let mut out = Vec::new();
+        let found = verify(&target, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(found, corrupt.len(), "{out}");
+        for d in &corrupt {
+            assert!(out.contains(&d.to_string()), "{d} not reported:\n{out}");
+            assert!(!layout::path(root, &layout::blob(d)).exists());
+        }
+        for d in &sound {
+            assert!(!out.contains(&d.to_string()), "{d} reported:\n{out}");
+            assert!(layout::path(root, &layout::blob(d)).exists());
+        }
+    }
 }
