@@ -11,7 +11,7 @@
 //! only shares a layer with a pinned one may be (the shared layer stays).
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,8 +85,8 @@ pub fn plan(
     // Keyed by the 64 bits alone (16 bytes a slot, not 24); 64 bits two algorithms share
     // (never seen in practice) are marked and searched for instead.
     const SHARED: u32 = u32::MAX;
-    let mut first_of: HashMap<u64, u32, BuildHasherDefault<KeyHasher>> =
-        HashMap::with_capacity_and_hasher(digests.len(), Default::default());
+    let mut first_of: HashMap<u64, u32, SeededKeys> =
+        HashMap::with_capacity_and_hasher(digests.len(), SeededKeys::new());
     for (i, (k, _)) in digests.iter().enumerate().rev() {
         let slot = first_of.entry(k.1).or_insert(i as u32);
         if *slot != SHARED {
@@ -204,8 +204,26 @@ fn sort_key(d: &Digest) -> SortKey {
     (d.algorithm(), first.unwrap_or(0))
 }
 
-/// Hashes a `SortKey` as what it is: digits of a digest, already uniformly spread.
-#[derive(Default)]
+/// Hashes the 64-bit part of a `SortKey`: two multiplies, no SipHash rounds, mixed with a
+/// seed drawn for each plan so that digests made to
+/// share a table's low bits (anyone can push blobs through the cache) do not pile into one
+/// bucket.
+struct SeededKeys(u64);
+
+impl SeededKeys {
+    fn new() -> SeededKeys {
+        SeededKeys(std::collections::hash_map::RandomState::new().hash_one(0u64))
+    }
+}
+
+impl BuildHasher for SeededKeys {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.0)
+    }
+}
+
 struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
@@ -214,13 +232,19 @@ impl Hasher for KeyHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
         }
     }
 
     fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
+        // SplitMix64's finalizer: every input bit reaches every output bit.
+        let mut x = self.0 ^ n;
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        self.0 = x ^ (x >> 31);
     }
 }
 
@@ -667,6 +691,20 @@ mod tests {
     /// (and a use within a minute of the last was not recorded), so images pulled in the same
     /// second tied and the tie went by digest order: about one run in four evicted the image
     /// pulled last.
+    /// The plan's table hashes keys that share their low bits (digests made to land in one
+    /// bucket) to spread-out slots: table indexes come from the low bits.
+    #[test]
+    fn the_plan_tables_hash_spreads_keys_sharing_their_low_bits() {
+        let keys = SeededKeys::new();
+        // 10 000 keys are 14 bits: shifted by up to 50 they stay within 64.
+        for shift in [20u32, 36, 50] {
+            let slots: HashSet<u64> = (0..10_000u64)
+                .map(|i| keys.hash_one(i << shift) & 0xF_FFFF)
+                .collect();
+            assert!(slots.len() > 9_800, "shift {shift}: {} slots", slots.len());
+        }
+    }
+
     #[test]
     fn regression_images_pulled_in_the_same_second_are_evicted_oldest_first() {
         let mut inv = Inventory::default();
