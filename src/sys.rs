@@ -69,6 +69,13 @@ pub fn reserve(file: &File, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
+        // What cannot fit is refused before asking: ext4 fails a reservation larger than its
+        // free space only once it has taken all of it, and keeps what it took until the file
+        // goes, so every other writer on the disk (fills, commits, records) found it full
+        // meanwhile (an upstream announcing a huge Content-Length was enough).
+        if free_bytes(file).is_some_and(|free| len as u64 > free) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         #[allow(unsafe_code)]
         // SAFETY: the descriptor is open for writing and owned by `file`, which outlives the
         // call; fallocate reads nothing from our memory.
@@ -76,6 +83,19 @@ pub fn reserve(file: &File, len: u64) -> io::Result<()> {
         if r != 0 {
             let e = io::Error::last_os_error();
             if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                // Another writer took the room meanwhile: give back what was taken past the
+                // file's end (nothing is written there).
+                let size = file.metadata().map_or(0, |m| m.len()) as libc::off_t;
+                #[allow(unsafe_code)]
+                // SAFETY: as above; the range lies past every written byte.
+                unsafe {
+                    libc::fallocate(
+                        file.as_raw_fd(),
+                        libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
+                        size,
+                        len.saturating_sub(size).max(1),
+                    )
+                };
                 return Err(e);
             }
         }
@@ -83,6 +103,19 @@ pub fn reserve(file: &File, len: u64) -> io::Result<()> {
     #[cfg(not(target_os = "linux"))]
     let _ = (file, len);
     Ok(())
+}
+
+/// Bytes an unprivileged writer may still take on `file`'s filesystem; `None` if unknown.
+#[cfg(target_os = "linux")]
+fn free_bytes(file: &File) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    #[allow(unsafe_code)]
+    // SAFETY: an all-zero statvfs is a valid value; fstatvfs only writes into it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    #[allow(unsafe_code)]
+    // SAFETY: `st` is a valid, writable statvfs; the descriptor is owned by `file`.
+    let r = unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) };
+    (r == 0).then(|| u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
 
 /// The most descriptors the limit may ever allow here, whatever the hard limit says.
@@ -218,6 +251,10 @@ mod tests {
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}"),
             Ok(()) => assert!(!reserves, "a filesystem that reserves must refuse 4 TiB"),
         }
+        // Regression: the refused reservation took the disk's free space and kept it (other
+        // tests writing meanwhile failed with ENOSPC). It takes nothing now.
+        let taken = std::os::unix::fs::MetadataExt::blocks(&file.metadata().unwrap()) * 512;
+        assert!(taken <= 2 << 20, "a refused reservation kept {taken} bytes");
     }
 
     #[test]
