@@ -115,6 +115,8 @@ fn free_bytes(file: &File) -> Option<u64> {
     #[allow(unsafe_code)]
     // SAFETY: `st` is a valid, writable statvfs; the descriptor is owned by `file`.
     let r = unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) };
+    // The fields are 32 bits wide on some targets.
+    #[allow(clippy::useless_conversion)]
     (r == 0).then(|| u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
 
