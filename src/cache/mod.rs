@@ -14,6 +14,7 @@ pub mod links;
 pub mod lock;
 pub mod manifests;
 mod mapped;
+mod numbered;
 pub use mapped::file_of;
 pub mod pins;
 pub mod read;
@@ -863,7 +864,12 @@ mod tests {
             m.body
         );
 
-        let p = evict::plan(&inv, u64::MAX, |_| 0, &std::collections::HashSet::new());
+        let p = evict::plan(
+            &inv,
+            u64::MAX,
+            |_: &Digest| 0,
+            &std::collections::HashSet::new(),
+        );
         store.remove(&p).await.unwrap();
         let inv = inventory::Inventory::load(&store).await.unwrap();
         assert!(inv.blobs.is_empty() && inv.manifests.is_empty() && inv.tags.is_empty());

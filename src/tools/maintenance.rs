@@ -367,7 +367,10 @@ pub fn gc(t: &Target, to: Option<u64>, out: &mut impl io::Write) -> Result<(), M
         let plan = evict::plan(
             &inv,
             total - target,
-            |d| store.usage.last_use_in(&inv, d),
+            evict::Recorded {
+                usage: &store.usage,
+                inv: &inv,
+            },
             &protected,
         );
         apply(&store, &plan).await?;

@@ -481,7 +481,7 @@ fn write_bundle(
         if actual != *digest {
             return Err(ExportError::Corrupt {
                 digest: digest.clone(),
-                actual,
+                actual: Box::new(actual),
             });
         }
     }

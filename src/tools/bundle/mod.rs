@@ -103,7 +103,11 @@ pub enum ExportError {
     #[error("cannot export, the store does not hold every selected image:\n  {}", .0.join("\n  "))]
     NotInStore(Vec<String>),
     #[error("stored blob {digest} is corrupt (its content hashes to {actual}); run `entrepot cache verify`")]
-    Corrupt { digest: Digest, actual: Digest },
+    Corrupt {
+        digest: Digest,
+        /// Boxed: two digests inline made every `Result` of an export 144 bytes.
+        actual: Box<Digest>,
+    },
     #[error("{context}")]
     Io {
         context: String,
