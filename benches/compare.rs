@@ -53,7 +53,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use limits::ShapedLinks;
 use support::{
-    cluster,
+    cluster, floor,
     garage::{self, Garage},
     load,
     procs::{self, ChildGuard, RegistryStorage, Server},
@@ -724,6 +724,7 @@ impl Bench {
         // Issue 13's (filesystem only): the proxy's CPU per GiB.
         let mut cpu = Row::new(&scenario, "proxy CPU per GiB pulled", Unit::CpuPerGib)
             .with_distribution()
+            .with_reference("floor")
             .target("≤ 1.4 CPU-s/GiB", Subject::Value, Goal::AtMost(1.4));
         let path = self.blob_path(&self.seeded.big);
         for round in 0..self.s.rounds {
@@ -734,6 +735,10 @@ impl Bench {
                         let t = load::pull(&load::client()?, &url, size).await?;
                         println!("round {round}: direct        {:.3} s", t.as_secs_f64());
                         time.reference_mut().push(t.as_secs_f64());
+                        if !s3 {
+                            let floor = self.floor_round(round).await?;
+                            cpu.reference_mut().push(floor / (size as f64 / GIB));
+                        }
                     }
                     Peer::Proxy(proxy) => {
                         let name = format!("{key}-{round}");
@@ -777,6 +782,33 @@ impl Bench {
             rows.extend([sent, requests]);
         }
         Ok(())
+    }
+
+    /// One cold pull of the big layer through a fresh [`floor`] (from the upstream's direct
+    /// relay): its CPU seconds, read as a proxy's are in [`Bench::cold_round`].
+    async fn floor_round(&self, round: usize) -> Result<f64> {
+        let dir = tempfile::Builder::new().prefix("floor-").tempdir()?;
+        let upstream = format!("127.0.0.1:{}", self.relay_direct.port);
+        let server = Server::start(|port| {
+            let cmd = floor::command(port, &upstream, dir.path())?;
+            ChildGuard::spawn("floor", cmd, dir.path().join("floor.log"))
+        })
+        .await?;
+        let pid = server.pid()?;
+        let url = server.url(&self.blob_path(&self.seeded.big));
+        let cpu_before = procs::cpu_mark(pid)?;
+        let t = load::pull(&load::client()?, &url, self.seeded.big.size)
+            .await
+            .with_context(|| format!("floor:\n{}", server.process.output_tail()))?;
+        settle(&self.relay_direct).await;
+        tokio::time::sleep(CPU_TAIL).await;
+        let cpu = procs::cpu_mark(pid)?.since(&cpu_before);
+        println!(
+            "round {round}: floor         {:.3} s, CPU {cpu:.3} s ({:.2} CPU-s/GiB)",
+            t.as_secs_f64(),
+            cpu / (self.seeded.big.size as f64 / GIB)
+        );
+        Ok(cpu)
     }
 
     async fn cold_concurrent(&mut self, backend: Backend) -> Result<()> {
@@ -2090,7 +2122,12 @@ fn render(s: &Settings, m: &Machine, b: &Bench, block: Block, took: Duration) ->
             "Peers: {} (proxy, filesystem driver); the upstream pulled directly (\"direct\"). \
              CPU is the proxy's user + system time (its threads' `schedstat`, or \
              `/proc/<pid>/stat` when a thread exited), from just before the client starts until \
-             the upstream relay has been quiet for 750 ms and {} ms more (fsync, commit). The \
+             the upstream relay has been quiet for 750 ms and {} ms more (fsync, commit). \
+             `cold1`'s CPU has a reference, the \"floor\" (`benches/support/floor.rs`, a fresh \
+             process each round, measured alike): one thread and one reused 400 KiB buffer \
+             receive the blob, write it to a reserved temp file, hash it (the same `sha2`) and \
+             send it to the client, then verify, fsync and rename; what these four passes over \
+             the bytes cost on this machine at the least. The \
              shaped link is a relay inside the bench in front of each counting relay: {} Mbit/s \
              each way (a token bucket with no burst) and {} ms added each way to every byte \
              (first bytes too, so a connection's first request pays the round trip; not the \
@@ -2279,6 +2316,8 @@ async fn bench(s: Settings) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Started by the bench itself as the floor of a cold pull's CPU: serves, never returns.
+    support::floor::serve_if_asked();
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `cargo test --all-targets` runs bench targets too, without `--bench`: stay out of it.
     if !args.iter().any(|a| a == "--bench") {
