@@ -145,6 +145,29 @@ impl Inventory {
 /// The digests a manifest or index references: config, layers, platform manifests (and
 /// schema 1's fsLayers). `subject` is not followed: a signature does not own its image.
 pub fn references(body: &[u8]) -> Vec<Digest> {
+    // Read into borrowed fields when the manifest is shaped as manifests are (every store
+    // listing reads each of its manifests: a tree of JSON values, each string and table on the
+    // heap, was most of that); anything else the slow way, which defines the answer.
+    let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !object {
+        return Vec::new();
+    }
+    match serde_json::from_slice::<Listed>(body) {
+        Ok(l) => {
+            let items = [l.layers, l.manifests, l.blobs];
+            std::iter::once(l.config.and_then(|c| c.0))
+                .chain(items.into_iter().flatten().flatten().map(|i| i.0))
+                .chain(l.fs_layers.into_iter().flatten().map(|i| i.0))
+                .flatten()
+                .filter_map(|d| d.parse().ok())
+                .collect()
+        }
+        Err(_) => references_of_any(body),
+    }
+}
+
+/// [`references`] of any JSON: what a value names where a manifest names its references.
+fn references_of_any(body: &[u8]) -> Vec<Digest> {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return Vec::new();
     };
@@ -169,6 +192,57 @@ pub fn references(body: &[u8]) -> Vec<Digest> {
         push(item.get("blobSum"));
     }
     out
+}
+
+/// A manifest's referencing fields, borrowed from its text. Any other shape (a field of
+/// another type, a string with escapes, a repeated field) fails and is read the slow way.
+#[derive(serde::Deserialize)]
+struct Listed<'a> {
+    #[serde(borrow, default)]
+    config: Option<Named<'a, false>>,
+    #[serde(borrow, default)]
+    layers: Option<Vec<Named<'a, false>>>,
+    #[serde(borrow, default)]
+    manifests: Option<Vec<Named<'a, false>>>,
+    #[serde(borrow, default)]
+    blobs: Option<Vec<Named<'a, false>>>,
+    #[serde(borrow, default, rename = "fsLayers")]
+    fs_layers: Option<Vec<Named<'a, true>>>,
+}
+
+/// A descriptor's `digest` (schema 1's `blobSum` when `BLOB_SUM`), if it is a string. Only
+/// from a JSON object: serde's derived structs also take arrays, which name nothing here.
+struct Named<'a, const BLOB_SUM: bool>(Option<&'a str>);
+
+impl<'de: 'a, 'a, const BLOB_SUM: bool> serde::Deserialize<'de> for Named<'a, BLOB_SUM> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<'a, const B: bool>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a, const B: bool> serde::de::Visitor<'de> for Fields<'a, B> {
+            type Value = Named<'a, B>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a descriptor")
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Self::Value, M::Error> {
+                let field = if B { "blobSum" } else { "digest" };
+                let mut found = None;
+                while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == field {
+                        // The last one, as a map of the object would keep.
+                        found = m.next_value::<Option<&'de str>>()?;
+                    } else {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Named(found))
+            }
+        }
+        d.deserialize_map(Fields::<BLOB_SUM>(std::marker::PhantomData))
+    }
 }
 
 /// Records read in one call to the backend while listing (one blocking task on disk), and
@@ -296,5 +370,105 @@ mod tests {
         let i = format!(r#"{{"manifests":[{{"digest":"{a}"}},{{"digest":"{b}"}}]}}"#);
         assert_eq!(references(i.as_bytes()), vec![a, b]);
         assert!(references(b"junk").is_empty());
+    }
+
+    /// Shapes the quick reading must not read differently from the slow one: descriptors as
+    /// arrays, fields of other types, escaped and repeated fields, other top-level values.
+    #[test]
+    fn odd_manifests_name_what_any_json_would() {
+        let a = d("a");
+        let escaped = a.to_string().replacen(':', "\\u003a", 1);
+        let cases = [
+            format!(r#"{{"config":["{a}"],"layers":[["{a}"]]}}"#),
+            format!(r#"{{"config":{{"digest":"{a}","digest":"junk"}}}}"#),
+            format!(r#"{{"config":{{"digest":"junk","digest":"{a}"}}}}"#),
+            format!(r#"{{"layers":[{{"digest":"{escaped}"}}]}}"#),
+            format!(r#"{{"layers":[{{"digest":7}},{{"digest":"{a}"}}]}}"#),
+            format!(r#"{{"layers":{{"digest":"{a}"}},"manifests":null,"blobs":"{a}"}}"#),
+            format!(r#"{{"fsLayers":[{{"blobSum":"{a}","digest":"junk"}}],"config":null}}"#),
+            format!(r#"{{"layers":[],"layers":[{{"digest":"{a}"}}]}}"#),
+            format!(r#"[{{"digest":"{a}"}}]"#),
+            format!(r#""{a}""#),
+            "{".to_string(),
+        ];
+        for body in cases {
+            assert_eq!(
+                references(body.as_bytes()),
+                references_of_any(body.as_bytes()),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            references(format!(r#"{{"layers":[{{"digest":"{escaped}"}}]}}"#).as_bytes()),
+            vec![a]
+        );
+    }
+}
+
+/// The quick reading of manifests answers as reading them as any JSON does.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::oci::digest::arbitrary::digest_string;
+
+    /// A value where a manifest names a digest: mostly a digest, sometimes anything else.
+    fn named() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => digest_string().prop_map(Value::from),
+            1 => Just(Value::Null),
+            1 => any::<i32>().prop_map(Value::from),
+            1 => "[a-z:0-9]{0,8}".prop_map(Value::from),
+            1 => digest_string().prop_map(|d| json!([d])),
+        ]
+    }
+
+    fn descriptor() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            6 => (named(), any::<bool>(), any::<u32>()).prop_map(|(d, sum, size)| {
+                let key = if sum { "blobSum" } else { "digest" };
+                json!({ key: d, "size": size, "mediaType": "x" })
+            }),
+            1 => named(),
+            1 => Just(json!({})),
+        ]
+    }
+
+    fn list() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            6 => proptest::collection::vec(descriptor(), 0..5).prop_map(Value::from),
+            1 => descriptor(),
+            1 => Just(Value::Null),
+        ]
+    }
+
+    fn manifest() -> impl Strategy<Value = Value> {
+        let field = prop_oneof![
+            Just("config"),
+            Just("layers"),
+            Just("manifests"),
+            Just("blobs"),
+            Just("fsLayers"),
+            Just("subject"),
+            Just("annotations"),
+        ];
+        let value = prop_oneof![descriptor(), list()];
+        prop_oneof![
+            8 => proptest::collection::vec((field, value), 0..7)
+                .prop_map(|f| Value::Object(f.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            1 => list(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn manifests_name_what_any_json_would(m in manifest(), pretty in any::<bool>()) {
+            let body = if pretty { serde_json::to_vec_pretty(&m) } else { serde_json::to_vec(&m) }.unwrap();
+            prop_assert_eq!(references(&body), references_of_any(&body));
+        }
     }
 }
