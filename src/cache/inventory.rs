@@ -87,23 +87,9 @@ impl Inventory {
     /// once for all: a set of cloned digests and a lookup of each blob's size and use per tag
     /// was most of `entrepot cache ls` at a million blobs beside the listing (issue 13).
     pub fn images(&self, usage: &super::usage::Usage) -> Vec<ImageRow> {
-        use super::numbered::{sort_by_digest, sort_key, Numbered};
-
-        let numbered = Numbered::new(self);
+        let numbered = super::numbered::Numbered::new(self);
         let used = usage.last_uses_in(self, numbered.blobs.iter().map(|b| b.1));
-        // The tags' images by number, in the tags' order.
-        let mut by_digest: Vec<_> = self
-            .tags
-            .iter()
-            .enumerate()
-            .map(|(t, r)| (sort_key(&r.digest), &r.digest, t))
-            .collect();
-        sort_by_digest(&mut by_digest);
-        let mut tag_numbers = vec![None; self.tags.len()];
-        let numbers = numbered.numbers_of(by_digest.iter().map(|t| t.1));
-        for (t, n) in by_digest.iter().zip(numbers) {
-            tag_numbers[t.2] = n;
-        }
+        let tag_numbers = numbered.numbers_of(self.tags.iter().map(|t| &t.digest));
         let mut seen = vec![0u32; numbered.blobs.len()];
         let mut tagged = vec![false; numbered.blobs.len()];
         let mut stack = Vec::new();

@@ -87,10 +87,20 @@ impl<'a> Numbered<'a> {
         }
     }
 
-    /// The numbers of `digests` (in digest order, repeats allowed); `None` for one that is not
-    /// a stored blob.
+    /// The numbers of `digests` (in any order, repeats allowed), in their order; `None` for
+    /// one that is not a stored blob. Sorted first and walked beside the blobs.
     pub fn numbers_of<'d>(&self, digests: impl Iterator<Item = &'d Digest>) -> Vec<Option<u32>> {
-        numbers_in(&self.blobs, digests.map(|d| (sort_key(d), d)))
+        let mut sorted: Vec<(SortKey, &Digest, usize)> = digests
+            .enumerate()
+            .map(|(at, d)| (sort_key(d), d, at))
+            .collect();
+        sorted.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut out = vec![None; sorted.len()];
+        let numbers = numbers_in(&self.blobs, sorted.iter().map(|x| (x.0, x.1)));
+        for (x, n) in sorted.iter().zip(numbers) {
+            out[x.2] = n;
+        }
+        out
     }
 
     /// The stored blobs `i` references, if it is a manifest.
@@ -134,7 +144,7 @@ impl<'a> Numbered<'a> {
 /// The place in `blobs` of each of `sorted` (in digest order, repeats allowed), or `None`:
 /// one walk along both. The digests themselves are compared only where the keys held in the
 /// arrays are equal.
-pub fn numbers_in<'d>(
+fn numbers_in<'d>(
     blobs: &[(SortKey, &Digest, u64)],
     sorted: impl Iterator<Item = (SortKey, &'d Digest)>,
 ) -> Vec<Option<u32>> {
@@ -152,20 +162,15 @@ pub fn numbers_in<'d>(
 /// A digest's place in digest order, as far as its algorithm and its first 16 hex digits tell
 /// (64 bits: equal keys are rare, and settled by the digests themselves). Held in the arrays,
 /// so sorting and walking them follow no pointer until two keys are equal.
-pub type SortKey = (Algorithm, u64);
+type SortKey = (Algorithm, u64);
 
-pub fn sort_key(d: &Digest) -> SortKey {
+fn sort_key(d: &Digest) -> SortKey {
     // Lower-case hex digits in order are their values in order.
     let first = d
         .hex()
         .get(..16)
         .and_then(|h| u64::from_str_radix(h, 16).ok());
     (d.algorithm(), first.unwrap_or(0))
-}
-
-/// Sorts digests (with anything beside them) in digest order, by the key first.
-pub fn sort_by_digest<T>(items: &mut [(SortKey, &Digest, T)]) {
-    items.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
 }
 
 #[cfg(test)]
@@ -198,8 +203,8 @@ mod tests {
         children.sort();
         assert_eq!(children, [0, 1], "the fake reference is not a stored blob");
         assert_eq!(
-            n.numbers_of([&a, &fake, &b, &b, &c].into_iter()),
-            [Some(0), None, Some(1), Some(1), Some(2)]
+            n.numbers_of([&c, &b, &a, &fake, &b].into_iter()),
+            [Some(2), Some(1), Some(0), None, Some(1)]
         );
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::super::inventory::Inventory;
-use super::super::numbered::{numbers_in, sort_by_digest, sort_key, Numbered, SortKey};
+use super::super::numbered::Numbered;
 use super::Plan;
 use crate::oci::Digest;
 
@@ -58,6 +58,7 @@ pub fn plan(
         numbered.walk(root, &mut image_of, image, &mut stack, |i| members.push(i));
         bounds.push(members.len());
     }
+    let tag_numbers = numbered.numbers_of(inv.tags.iter().map(|t| &t.digest));
     let blobs = numbered.into_blobs();
     for i in (0..n_blobs).filter(|&i| image_of[i] == 0) {
         members.push(i as u32);
@@ -110,22 +111,13 @@ pub fn plan(
         }
     }
     // The tags of removed manifests, in the inventory's order.
-    let mut tags: Vec<(SortKey, &Digest, usize)> = inv
+    p.tags = inv
         .tags
         .iter()
-        .enumerate()
-        .map(|(t, r)| (sort_key(&r.digest), &r.digest, t))
-        .collect();
-    sort_by_digest(&mut tags);
-    let numbers = numbers_in(&blobs, tags.iter().map(|t| (t.0, t.1)));
-    let mut gone: Vec<usize> = tags
-        .iter()
-        .zip(numbers)
+        .zip(tag_numbers)
         .filter(|(_, n)| n.is_some_and(|n| removed[n as usize]))
-        .map(|(t, _)| t.2)
+        .map(|(t, _)| t.clone())
         .collect();
-    gone.sort_unstable();
-    p.tags = gone.into_iter().map(|t| inv.tags[t].clone()).collect();
     p.blobs.sort();
     p.manifests.sort();
     p
