@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::fake_registry::FakeRegistry;
 use common::real::ChildGuard;
-use common::{client, free_port, get_blob, random_bytes, upstream};
+use common::{client, free_ports, get_blob, random_bytes, upstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_entrepot");
 const SYSTEMD_ANALYZE: &str = "/usr/bin/systemd-analyze";
@@ -322,8 +322,8 @@ async fn serve_and_log(extra: &[&str]) -> String {
     let up = FakeRegistry::start().await;
     let img = up.push_image("team/app", "v1", &[Bytes::from(random_bytes(50_000, 3))]);
     let work = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    let [port, dead] = free_ports();
+    let unreachable = format!("http://127.0.0.1:{dead}");
     let config = work.path().join("entrepot.toml");
     std::fs::write(
         &config,

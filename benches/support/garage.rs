@@ -18,7 +18,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use object_store::{aws::AmazonS3Builder, ClientOptions, ObjectStore as _, RetryConfig};
 
-use super::procs::{free_port, ChildGuard, Server};
+use super::procs::{free_port_besides, ChildGuard, Server};
 
 /// The region Garage is configured with; SigV4 signatures must name it.
 pub const REGION: &str = "garage";
@@ -49,12 +49,12 @@ impl Garage {
         let config = dir.join("garage.toml");
         let rpc_secret = hex::encode(urandom(32)?);
         // An anonymous request is answered 403 AccessDenied: the S3 API is up. Garage binds the
-        // RPC port too; a clash there also says "address already in use", and the retry picks a
-        // new pair.
+        // RPC port too (never the S3 port's number); a clash there also says "address already
+        // in use", and the retry picks a new pair.
         let server = Server::start_answering("/", &[403], |s3_port| {
             fs::write(
                 &config,
-                config_toml(dir, s3_port, free_port()?, &rpc_secret),
+                config_toml(dir, s3_port, free_port_besides(&[s3_port])?, &rpc_secret),
             )?;
             let mut cmd = garage_command(&bin, &config);
             cmd.arg("server");

@@ -37,6 +37,17 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// A port free a moment ago that is none of `taken`: two [`free_port`] calls in a row can
+/// return the same number.
+pub fn free_port_besides(taken: &[u16]) -> Result<u16> {
+    loop {
+        let port = free_port()?;
+        if !taken.contains(&port) {
+            return Ok(port);
+        }
+    }
+}
+
 /// A child process in its own process group, output in a log file. Dropping it kills the
 /// whole group (nginx's workers too) and reaps the child.
 pub struct ChildGuard {
@@ -298,14 +309,15 @@ impl Server {
             let mut process = spawn(port)?;
             match wait_answering(port, &mut process, path, ready).await {
                 Ok(()) => return Ok(Self { port, process }),
+                // Whether or not it exited: garage logs the clash of its S3 port and hangs.
                 Err(e)
                     if attempt < 3
-                        && process.exited().is_some()
                         && process
                             .output()
                             .to_lowercase()
                             .contains("address already in use") =>
                 {
+                    drop(process);
                     eprintln!("port {port} was taken, retrying: {e:#}");
                     attempt += 1;
                 }

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use object_store::{aws::AmazonS3Builder, ClientOptions, ObjectStore as _, RetryConfig};
 
-use super::free_port;
+use super::free_port_besides;
 use super::real::{run_bounded, start_on_free_port, wait_until, ChildGuard};
 
 /// What to do when garage is missing.
@@ -66,9 +66,10 @@ impl Garage {
         let rpc_secret = hex::encode(urandom(32)?);
         // Garage answers an anonymous `GET /v2/` with 403 AccessDenied: its S3 API is up.
         let (s3_port, process) = start_on_free_port(&[403], |s3_port| {
-            // Garage binds the RPC port too; a clash there also says "address already in use",
-            // so start_on_free_port's retry picks a new pair.
-            let rpc_port = free_port();
+            // Garage binds the RPC port too, before the S3 one: never the same number (it then
+            // logs "address already in use" and hangs), and a clash with another process also
+            // says so, and start_on_free_port's retry picks a new pair.
+            let rpc_port = free_port_besides(&[s3_port]);
             fs::write(
                 &config,
                 config_toml(dir.path(), s3_port, rpc_port, &rpc_secret),

@@ -38,6 +38,26 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
+/// `N` ports, free a moment ago and all different. The listeners are held together while the
+/// kernel picks, so no port comes twice: two [`free_port`] calls in a row can return the same
+/// number, the first listener being closed before the second bind.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local address").port())
+}
+
+/// A port free a moment ago that is none of `taken` (which a process may not have bound yet).
+pub fn free_port_besides(taken: &[u16]) -> u16 {
+    loop {
+        let port = free_port();
+        if !taken.contains(&port) {
+            return port;
+        }
+    }
+}
+
 /// Installs the ring crypto provider; reqwest (`rustls-no-provider`) panics building any client,
 /// even a plain-HTTP one, without a process-wide default.
 pub fn install_crypto() {

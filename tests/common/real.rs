@@ -229,14 +229,15 @@ where
         let mut process = spawn(port)?;
         match wait_ready(port, &mut process, ready).await {
             Ok(()) => return Ok((port, process)),
+            // Whether or not it exited: garage logs the clash of its S3 port and hangs.
             Err(e)
                 if attempt < ATTEMPTS
-                    && process.exited().is_some()
                     && process
                         .output()
                         .to_lowercase()
                         .contains("address already in use") =>
             {
+                process.kill();
                 eprintln!("port {port} was taken, retrying: {e:#}");
                 attempt += 1;
             }

@@ -16,8 +16,8 @@ use rcgen::{
     SerialNumber,
 };
 
-use super::free_port;
 use super::real::{run_bounded, verified_blob, wait_until, ChildGuard, Finished, SeedImage};
+use super::{free_port, free_ports};
 
 /// A test certificate authority.
 pub struct Ca {
@@ -169,7 +169,7 @@ impl TlsEntrepot {
         let store = dir.join("store");
         let config = dir.join("entrepot.toml");
         for attempt in 1.. {
-            let (port, admin_port) = (free_port(), free_port());
+            let [port, admin_port] = free_ports();
             let toml = format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
                  {server}\n{tls}\n[storage]\nroot = {store:?}\n\n{upstreams}",
