@@ -14,6 +14,7 @@ pub const UPSTREAM_REQUESTS: &str = "entrepot_upstream_requests_total";
 pub const UPSTREAM_DURATION: &str = "entrepot_upstream_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "entrepot_upstream_errors_total";
 pub const UPSTREAM_BYTES: &str = "entrepot_upstream_bytes_total";
+pub const SPLICED_BYTES: &str = "entrepot_upstream_spliced_bytes_total";
 pub const UPSTREAM_RATELIMIT: &str = "entrepot_upstream_ratelimit_remaining";
 pub const FILLS: &str = "entrepot_fills_in_progress";
 pub const CACHE_BYTES: &str = "entrepot_cache_bytes";
@@ -79,6 +80,10 @@ fn describe() {
     describe_counter!(
         SENDFILE_BYTES,
         "Body bytes sent from stored blobs' files with sendfile, not copied through the process."
+    );
+    describe_counter!(
+        SPLICED_BYTES,
+        "Blob bytes received from plain-HTTP upstreams straight into the store's files with splice, not copied through the process."
     );
     describe_counter!(
         UPSTREAM_REQUESTS,
@@ -187,6 +192,14 @@ pub fn sendfile_bytes(bytes: u64) {
     static HANDLE: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| counter!(SENDFILE_BYTES))
+        .increment(bytes);
+}
+
+/// Blob bytes an upstream's socket handed to a fill's temp file with `splice`.
+pub fn spliced_bytes(bytes: u64) {
+    static HANDLE: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| counter!(SPLICED_BYTES))
         .increment(bytes);
 }
 

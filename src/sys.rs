@@ -1,7 +1,7 @@
 //! The few calls into the C library that std does not wrap: tuning glibc's allocator for
 //! streaming (`tune_allocator`, `release_memory`), reserving a fill's disk space up front
-//! (`reserve`), the descriptor limit (`raise_fd_limit`, `fd_limit`) and `sendfile`. The only
-//! `unsafe` outside `cache::mapped`; each call says why it is sound.
+//! (`reserve`), the descriptor limit (`raise_fd_limit`, `fd_limit`), `sendfile` and `splice`
+//! (`Pipe`). The only `unsafe` outside `cache::mapped`; each call says why it is sound.
 //!
 //! Why the allocator needs tuning (measured in BENCHMARKS.md, "Where a cold pull's CPU goes"):
 //! the upstream body arrives in hyper read buffers of ~400 KiB, held while followers and the
@@ -211,6 +211,103 @@ pub fn send_more(
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// A pipe for `splice`: a fill moves an upstream body from the socket into its temp file
+/// through it, the kernel handing over pages, never copying them to user memory
+/// (`cache::spliced`).
+pub struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+    /// How many bytes it holds at most.
+    pub capacity: usize,
+}
+
+impl Pipe {
+    /// A pipe holding up to `size` bytes where the system allows it (`/proc/sys/fs/
+    /// pipe-max-size`, 1 MiB by default), else the default 64 KiB.
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let mut fds = [0 as libc::c_int; 2];
+        #[allow(unsafe_code)]
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: pipe2 succeeded: both are open descriptors owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        #[allow(unsafe_code)]
+        // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ on a descriptor `write` owns; no memory passed.
+        let capacity = unsafe {
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want);
+            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity: usize::try_from(capacity).unwrap_or(0).max(4096),
+        })
+    }
+
+    /// Moves up to `len` bytes from `socket` (blocking, or with a receive timeout: then
+    /// `WouldBlock`) into the pipe, which must be empty; 0 at the end of the stream.
+    pub fn fill_from(&self, socket: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let len = len.min(self.capacity);
+        #[allow(unsafe_code)]
+        // SAFETY: both descriptors are open for the call; no offsets (null), no user memory.
+        let n = unsafe {
+            libc::splice(
+                socket.as_raw_fd(),
+                std::ptr::null_mut(),
+                self.write.as_raw_fd(),
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Moves exactly `len` bytes held in the pipe into `file` at `offset`.
+    pub fn drain_into(&self, file: &File, mut offset: u64, mut len: usize) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        while len > 0 {
+            let mut off = libc::loff_t::try_from(offset).map_err(io::Error::other)?;
+            #[allow(unsafe_code)]
+            // SAFETY: both descriptors are open for the call; the kernel reads and updates
+            // `off`, a local, and touches no other memory of ours.
+            let n = unsafe {
+                libc::splice(
+                    self.read.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    file.as_raw_fd(),
+                    &mut off,
+                    len,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            match n {
+                n if n > 0 => {
+                    offset += n as u64;
+                    len -= n as usize;
+                }
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

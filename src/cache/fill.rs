@@ -1,7 +1,9 @@
 //! The blob fill: one detached task per digest that owns the upstream stream. Upstream bytes
 //! go into a bounded in-memory tail that followers at the live edge read without a copy, while
-//! a blocking-pool task writes them to a temp file behind and hashes them. At the end the digest is
-//! verified (followers get the last byte only then) and the file committed atomically.
+//! a blocking-pool task writes them to a temp file behind and hashes them. A plain-HTTP
+//! upstream's body skips user memory instead: `spliced` moves it from the socket into the
+//! file and puts slices of the file's mapping in the tail. At the end the digest is verified
+//! (followers get the last byte only then) and the file committed atomically.
 //! Clients never own a fill: they follow it (see `read::follow`).
 
 use std::fs::File;
@@ -19,7 +21,7 @@ use super::tail::{Located, Tail};
 use super::temp::TempFile;
 use super::{InProgress, Store};
 use crate::oci::{Digest, Hasher, RepoName};
-use crate::upstream::{Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
+use crate::upstream::{RawBody, Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
 
 /// The upstream a fill is for (its bytes come from there, or from shared storage when that
 /// has them; a follower whose fill lost its storage continues from there).
@@ -98,6 +100,9 @@ pub struct Fill {
     progress: watch::Receiver<Progress>,
     temp_name: std::sync::OnceLock<String>,
     tail: Mutex<Tail>,
+    /// A mapping of the whole temp file when the body arrives by `splice` (`spliced`): bytes
+    /// on disk are sliced from it rather than read (and copied) from the file.
+    mapping: std::sync::OnceLock<Bytes>,
     /// Requests served by this fill: the one that started it and every one that joined.
     requests: AtomicU64,
     /// Clients reading it now (see [`Following`]), and when it began: for the status page.
@@ -162,7 +167,18 @@ impl Fill {
     /// Where up to `max` bytes at `pos` can be read: from memory without a copy, or from the
     /// temp file (never further than it has been written).
     pub(super) fn locate(&self, pos: u64, max: u64) -> Located {
-        self.tail.lock().unwrap().locate(pos, max)
+        let located = self.tail.lock().unwrap().locate(pos, max);
+        match (located, self.mapping.get()) {
+            (Located::File(n), Some(map)) => {
+                Located::Memory(map.slice(pos as usize..(pos + n) as usize))
+            }
+            (located, _) => located,
+        }
+    }
+
+    /// The temp file's mapping, for [`Fill::locate`] (set once, by `spliced`).
+    pub(super) fn mapped(&self, map: Bytes) {
+        let _ = self.mapping.set(map);
     }
 
     /// Bytes received from the source, readable at once. Publish them after this call.
@@ -234,6 +250,7 @@ fn new_fill_with(
         progress: rx,
         temp_name: std::sync::OnceLock::new(),
         tail: Mutex::new(Tail::new(keep)),
+        mapping: std::sync::OnceLock::new(),
         requests: AtomicU64::new(0),
         followers: AtomicU64::new(0),
         began: std::time::Instant::now(),
@@ -276,7 +293,7 @@ fn storage_error(e: io::Error) -> FillError {
 /// Fetch, write, hash, verify, commit. Returns the blob's size and where it came from.
 async fn fill_blob(
     store: &Arc<Store>,
-    fill: &Fill,
+    fill: &Arc<Fill>,
     tx: &watch::Sender<Progress>,
 ) -> Result<(u64, Origin), FillError> {
     let digest = &fill.digest;
@@ -288,14 +305,17 @@ async fn fill_blob(
         .map_err(storage_error)?;
     let _ = fill.temp_name.set(temp.name());
     let mut origin = fill.origin;
-    let (total, mut stream) = match origin {
-        Origin::Upstream => from_upstream(fill).await?,
-        Origin::Shared { size } => (Some(size), from_shared(store.clone(), digest.clone(), size)),
+    let (total, body) = match origin {
+        Origin::Upstream => upstream_body(fill).await?,
+        Origin::Shared { size } => (
+            Some(size),
+            Body::Stream(from_shared(store.clone(), digest.clone(), size)),
+        ),
         Origin::Peer => match from_peer(fill).await {
-            Some(found) => found,
+            Some((total, stream)) => (total, Body::Stream(stream)),
             None => {
                 origin = Origin::Upstream;
-                from_upstream(fill).await?
+                upstream_body(fill).await?
             }
         },
     };
@@ -322,7 +342,63 @@ async fn fill_blob(
         written: 0,
     });
 
-    let mut hasher = Some(Hasher::new(digest.algorithm()));
+    let (written, actual) = match body {
+        Body::Spliced(raw) => super::spliced::receive(fill, tx, file.clone(), raw).await?,
+        Body::Stream(stream) => {
+            write_stream(fill, tx, &file, total, stream, origin, &bad_source).await?
+        }
+    };
+    if total.is_some_and(|t| t != written) {
+        return Err(bad_source(UpstreamErrorKind::Truncated));
+    }
+    if &actual != digest {
+        if let Origin::Shared { .. } = origin {
+            // A content-addressed object that does not match its address helps nobody.
+            tracing::error!(digest = %digest, actual = %actual, "the shared copy is corrupt; removing it");
+            let _ = store.blobs().delete(digest).await;
+        }
+        return Err(bad_source(UpstreamErrorKind::DigestMismatch));
+    }
+    // Verified: followers may finish now, while the data is made durable.
+    tx.send_replace(Progress::Done {
+        file,
+        size: written,
+    });
+    // The upstream served it for this repository (itself, or through the owner): a read under
+    // this pair needs no confirmation. Linked before the commit, so whoever finds the blob in
+    // storage finds its link too.
+    if !matches!(origin, Origin::Shared { .. }) {
+        let s = &fill.source;
+        let linked = store
+            .links
+            .add(s.upstream.name(), &s.repo, [digest.clone()])
+            .await;
+        if let Err(e) = linked {
+            crate::metrics::storage_error();
+            tracing::warn!(digest = %digest, error = %e, "could not link the blob to its repository");
+        }
+    }
+    if let Err(e) = store.commit_fill(digest, temp, written, origin).await {
+        // Every follower already has its verified bytes; only the cached copy is lost.
+        crate::metrics::storage_error();
+        tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
+    }
+    Ok((written, origin))
+}
+
+/// Writes and hashes a body that arrives as a stream of chunks; returns the bytes received
+/// and their digest.
+async fn write_stream(
+    fill: &Fill,
+    tx: &watch::Sender<Progress>,
+    file: &Arc<File>,
+    total: Option<u64>,
+    mut stream: ByteStream,
+    origin: Origin,
+    bad_source: &impl Fn(UpstreamErrorKind) -> FillError,
+) -> Result<(u64, Digest), FillError> {
+    let up = &fill.source.upstream;
+    let mut hasher = Some(Hasher::new(fill.digest.algorithm()));
     let mut batch: Vec<Bytes> = Vec::new();
     let mut persisting: Option<Blocking<(Hasher, io::Result<u64>)>> = None;
     let mut received: u64 = 0;
@@ -391,44 +467,26 @@ async fn fill_blob(
             },
         }
     }
-    let written = received;
     let actual = hasher.take().expect("no batch hashing at the end").finish();
-    if total.is_some_and(|t| t != written) {
-        return Err(bad_source(UpstreamErrorKind::Truncated));
+    Ok((received, actual))
+}
+
+/// A fill's source of bytes.
+enum Body {
+    Stream(ByteStream),
+    /// A plain-HTTP upstream's socket, for `spliced`.
+    Spliced(RawBody),
+}
+
+/// The blob's body from the upstream: its socket when the upstream serves it over plain
+/// HTTP (received with `splice`), else a stream through the upstream's client.
+async fn upstream_body(fill: &Fill) -> Result<(Option<u64>, Body), FillError> {
+    let up = &fill.source.upstream;
+    if let Some(raw) = up.blob_body(&fill.source.repo, &fill.digest).await {
+        return Ok((Some(raw.len), Body::Spliced(raw)));
     }
-    if &actual != digest {
-        if let Origin::Shared { .. } = origin {
-            // A content-addressed object that does not match its address helps nobody.
-            tracing::error!(digest = %digest, actual = %actual, "the shared copy is corrupt; removing it");
-            let _ = store.blobs().delete(digest).await;
-        }
-        return Err(bad_source(UpstreamErrorKind::DigestMismatch));
-    }
-    // Verified: followers may finish now, while the data is made durable.
-    tx.send_replace(Progress::Done {
-        file,
-        size: written,
-    });
-    // The upstream served it for this repository (itself, or through the owner): a read under
-    // this pair needs no confirmation. Linked before the commit, so whoever finds the blob in
-    // storage finds its link too.
-    if !matches!(origin, Origin::Shared { .. }) {
-        let s = &fill.source;
-        let linked = store
-            .links
-            .add(s.upstream.name(), &s.repo, [digest.clone()])
-            .await;
-        if let Err(e) = linked {
-            crate::metrics::storage_error();
-            tracing::warn!(digest = %digest, error = %e, "could not link the blob to its repository");
-        }
-    }
-    if let Err(e) = store.commit_fill(digest, temp, written, origin).await {
-        // Every follower already has its verified bytes; only the cached copy is lost.
-        crate::metrics::storage_error();
-        tracing::error!(digest = %digest, error = %e, "could not commit verified blob to the store");
-    }
-    Ok((written, origin))
+    let (total, stream) = from_upstream(fill).await?;
+    Ok((total, Body::Stream(stream)))
 }
 
 /// Asks the upstream for the blob: its announced size and its body.

@@ -7,6 +7,9 @@
 //! address, so a connection that is about to write a slice of one can ask which file and
 //! offset it is (`file_of`) and send it with `sendfile` instead of copying it into the socket
 //! (`crate::http::conn`): the copy was a third of a 100 KiB hit's CPU (BENCHMARKS.md).
+//!
+//! A fill whose body arrives by `splice` maps its temp file the same way (`Growing`): it
+//! hashes the bytes there, and its followers' slices of the written part go out by `sendfile`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -132,6 +135,64 @@ pub fn map_range(file: &File, range: std::ops::Range<u64>) -> io::Result<Bytes> 
     };
     let _ = map.advise(memmap2::Advice::Sequential);
     Ok(Bytes::from_owner(map))
+}
+
+/// A read-only mapping of a fill's temp file, whose bytes arrive in order by `splice` and never
+/// pass through user memory otherwise (`cache::spliced`): the fill hashes them here and hands
+/// slices of the written part to followers. Registered like a stored blob's mapping, so those
+/// slices go to clients with `sendfile`.
+pub struct Growing {
+    bytes: Bytes,
+}
+
+impl Growing {
+    /// Maps `file`, already `len` bytes long (its unwritten part reads as zeros).
+    pub fn new(file: &File, len: u64) -> io::Result<Growing> {
+        if len == 0 {
+            return Ok(Growing {
+                bytes: Bytes::new(),
+            });
+        }
+        let held = file.try_clone()?;
+        // SAFETY: the file is a fill's temp file, `len` long before it is mapped, so every
+        // page is backed; bytes are written once, in order, by the fill that owns the mapping,
+        // and only its written part is ever handed out. Nothing truncates it: a failed fill
+        // unlinks it, which leaves the mapping valid.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&held)? };
+        Ok(Growing {
+            bytes: Bytes::from_owner(Registered::new(map, held)),
+        })
+    }
+
+    /// The whole mapping, to be sliced only where the file is written.
+    pub fn whole(&self) -> Bytes {
+        self.bytes.clone()
+    }
+
+    /// Bytes `range` of the file, which must be written already.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Bytes {
+        self.bytes.slice(range)
+    }
+
+    /// Unmaps the whole pages of `range` from the process (they stay in the page cache and
+    /// are mapped again if touched): hashing a blob through the mapping would otherwise make
+    /// all of it resident here.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        const PAGE: usize = 4096;
+        let base = self.bytes.as_ptr() as usize;
+        let start = (base + range.start).next_multiple_of(PAGE);
+        let end = (base + range.end.min(self.bytes.len())) & !(PAGE - 1);
+        if end > start {
+            // SAFETY: the range lies within this mapping, shared and backed by the file:
+            // after MADV_DONTNEED its pages read the same file contents again (only private
+            // mappings lose data), so no slice of it held anywhere sees a change.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+            };
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod lock;
 pub mod manifests;
 mod mapped;
 mod numbered;
+mod spliced;
 pub use mapped::file_of;
 pub mod pins;
 pub mod read;

@@ -8,6 +8,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use url::Url;
 
 use super::auth::{self, AuthState, Challenge, TokenResponse};
+use super::raw::{self, RawBody};
 use super::{UpstreamError, UpstreamErrorKind};
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
@@ -122,6 +123,57 @@ impl Upstream {
             }
         }
         Err(self.error(last.unwrap_or(UpstreamErrorKind::Unreachable("no endpoint"))))
+    }
+
+    /// A blob's body from the upstream's own URL as a bare socket (see `raw`), when that URL
+    /// is plain HTTP and no proxy is configured in the environment (reqwest would use it).
+    /// `None` whenever that does not apply or the answer is anything but a plain `200`
+    /// (a challenge, a redirect, an error, a chunked body): the caller then sends the request
+    /// the usual way, which follows and classifies whatever the upstream answers.
+    pub async fn blob_body(&self, repo: &RepoName, digest: &crate::oci::Digest) -> Option<RawBody> {
+        const PROXY_VARS: [&str; 4] = ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"];
+        let base = &self.config.url;
+        if self.offline
+            || base.scheme() != "http"
+            || !self.config.admits(repo.as_str())
+            || PROXY_VARS.iter().any(|v| std::env::var_os(v).is_some())
+        {
+            return None;
+        }
+        let url = format!(
+            "{}/v2/{repo}/blobs/{digest}",
+            base.as_str().trim_end_matches('/')
+        );
+        let url = Url::parse(&url).ok()?;
+        let origin = url.origin().ascii_serialization();
+        let scope = format!("repository:{repo}:pull");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        if let Some(a) = self.authorization(base, &origin, &scope).await.ok()? {
+            headers.insert(header::AUTHORIZATION, a);
+        }
+        let started = tokio::time::Instant::now();
+        let answer = raw::get(
+            &url,
+            &headers,
+            self.config.connect_timeout,
+            self.config.read_timeout,
+        )
+        .await;
+        let took = started.elapsed();
+        // A failure is not counted here: the usual request that follows meets the same.
+        let answer = answer.ok()?;
+        let status = Some(answer.status.as_u16());
+        metrics::upstream_request(&self.name, status, took);
+        self.stats.exchange(status, took, None);
+        if let Some(remaining) = ratelimit_remaining(&answer.headers) {
+            metrics::ratelimit_remaining(&self.name, remaining);
+            self.stats.ratelimit(remaining);
+        }
+        answer.body
     }
 
     /// Metrics for one exchange with an endpoint.

@@ -3,6 +3,7 @@
 
 mod auth;
 mod client;
+mod raw;
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use crate::error::ApiError;
 use crate::oci::RepoName;
 
 pub use client::{Upstream, UpstreamRequest};
+pub use raw::RawBody;
 
 /// Why an upstream request failed. `Display` names the upstream by its configured name and
 /// never includes a URL or a credential.
