@@ -36,24 +36,39 @@ pub fn map_file(path: &Path) -> io::Result<Bytes> {
     let map = unsafe { memmap2::Mmap::map(&file)? };
     // Sequential readers are the common case; let the kernel read ahead.
     let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(Bytes::from_owner(Registered::new(map, file)))
+    Ok(Bytes::from_owner(Registered::new(map, file, false)))
 }
 
-/// The file and offset of `slice` when it lies within one mapping of a stored blob whose
-/// file is kept open: the same bytes as the slice, readable with `pread` or `sendfile` while
-/// the caller holds the slice (which keeps the mapping, and so its entry, alive).
-pub fn file_of(slice: &[u8]) -> Option<(Arc<File>, u64)> {
+/// Where the bytes of a mapped slice are in their file.
+pub struct InFile {
+    pub file: Arc<File>,
+    pub offset: u64,
+    /// A fill's temp file (`Growing`), whose pages the process should not touch: copying
+    /// from it would make them resident here one by one, where `sendfile` leaves them out.
+    pub growing: bool,
+}
+
+/// The file and offset of `slice` when it lies within one mapping of a stored blob (or of a
+/// spliced fill's temp file) whose file is kept open: the same bytes as the slice, readable
+/// with `pread` or `sendfile` while the caller holds the slice (which keeps the mapping, and
+/// so its entry, alive).
+pub fn file_of(slice: &[u8]) -> Option<InFile> {
     let start = slice.as_ptr() as usize;
     let end = start.checked_add(slice.len())?;
     let regions = REGIONS.read().unwrap_or_else(|e| e.into_inner());
     let (&base, region) = regions.range(..=start).next_back()?;
-    (end <= region.end).then(|| (region.file.clone(), (start - base) as u64))
+    (end <= region.end).then(|| InFile {
+        file: region.file.clone(),
+        offset: (start - base) as u64,
+        growing: region.growing,
+    })
 }
 
 /// A registered mapping: where it is, and its file.
 struct Region {
     end: usize,
     file: Arc<File>,
+    growing: bool,
 }
 
 /// Live mappings of stored blobs whose files are kept open, by start address. An entry is
@@ -78,7 +93,7 @@ struct Registered {
 }
 
 impl Registered {
-    fn new(map: memmap2::Mmap, file: File) -> Registered {
+    fn new(map: memmap2::Mmap, file: File, growing: bool) -> Registered {
         let listed = HELD
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < fd_budget()).then_some(n + 1)
@@ -89,6 +104,7 @@ impl Registered {
             let region = Region {
                 end: start + map.len(),
                 file: Arc::new(file),
+                growing,
             };
             REGIONS
                 .write()
@@ -146,7 +162,8 @@ pub struct Growing {
 }
 
 impl Growing {
-    /// Maps `file`, already `len` bytes long (its unwritten part reads as zeros).
+    /// Maps `len` bytes of `file`, which grows to that length as it is written: only its
+    /// written part, which is within the file's size, may be read.
     pub fn new(file: &File, len: u64) -> io::Result<Growing> {
         if len == 0 {
             return Ok(Growing {
@@ -154,14 +171,17 @@ impl Growing {
             });
         }
         let held = file.try_clone()?;
-        // SAFETY: the file is a fill's temp file, `len` long before it is mapped, so every
-        // page is backed; bytes are written once, in order, by the fill that owns the mapping,
-        // and only its written part is ever handed out. Nothing truncates it: a failed fill
-        // unlinks it, which leaves the mapping valid.
+        // SAFETY: the file is a fill's temp file; bytes are written once, in order, by the
+        // fill that owns the mapping, and only its written part (within the file's size, so
+        // backed by its pages) is ever read or handed out: the pages past the end, which
+        // would fault, are never touched. Nothing truncates it: a failed fill unlinks it,
+        // which leaves the mapping valid. (Making the file its full length first would also
+        // back those pages, but a file-size limit or a full disk would then fail the fill
+        // before its first byte instead of where the disk gave out.)
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&held)? };
         Ok(Growing {
-            bytes: Bytes::from_owner(Registered::new(map, held)),
+            bytes: Bytes::from_owner(Registered::new(map, held, true)),
         })
     }
 
@@ -207,14 +227,19 @@ mod tests {
         std::fs::write(&p, &data).unwrap();
         let map = map_file(&p).unwrap();
         let part = map.slice(70_000..170_000);
-        let (file, offset) = file_of(&part).expect("a slice of a stored blob's mapping");
+        let InFile {
+            file,
+            offset,
+            growing,
+        } = file_of(&part).expect("a slice of a stored blob's mapping");
+        assert!(!growing);
         assert_eq!(offset, 70_000);
         let mut read = vec![0u8; part.len()];
         std::os::unix::fs::FileExt::read_exact_at(&*file, &mut read, offset).unwrap();
         assert_eq!(read, &part[..]);
         // Heap memory is no file's; the whole mapping is its file from offset 0.
         assert!(file_of(&data[10..20]).is_none());
-        assert_eq!(file_of(&map).unwrap().1, 0);
+        assert_eq!(file_of(&map).unwrap().offset, 0);
         let addr = map.as_ptr() as usize;
         drop((map, part));
         let regions = REGIONS.read().unwrap();

@@ -16,7 +16,7 @@ pub mod manifests;
 mod mapped;
 mod numbered;
 mod spliced;
-pub use mapped::file_of;
+pub use mapped::{file_of, InFile};
 pub mod pins;
 pub mod read;
 pub mod referrers;

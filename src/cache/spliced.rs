@@ -27,6 +27,8 @@ use crate::upstream::{RawBody, UpstreamErrorKind};
 
 /// How much one `splice` from the socket moves at most (the pipe's size, where allowed).
 const STEP: usize = 1 << 20;
+/// How many bytes around a faulting address the kernel maps at once (`fault_around_bytes`).
+const FAULT_AROUND: usize = 64 << 10;
 /// How long one wait for the upstream lasts before the fill looks at its stop flag again.
 const WAIT: Duration = Duration::from_millis(250);
 
@@ -67,8 +69,6 @@ fn run(
     let storage = |e: io::Error| FillError::Storage(e.to_string().into());
     let upstream = |kind: UpstreamErrorKind| FillError::from(up.error(kind));
     let RawBody { socket, early, len } = body;
-    // The whole length first, so every page of the mapping is backed (see `Growing`).
-    file.set_len(len).map_err(storage)?;
     let map = Growing::new(file, len).map_err(storage)?;
     // Followers behind the tail slice what is on disk from here too (`Fill::locate`).
     fill.mapped(map.whole());
@@ -77,7 +77,9 @@ fn run(
     let publish = |from: u64, to: u64, hasher: &mut Hasher| {
         let chunk = map.slice(from as usize..to as usize);
         hasher.update(&chunk);
-        map.release(from as usize..to as usize);
+        // From a little before: the faults of the hash map neighbouring pages too (up to 64
+        // KiB around), those of the step before among them.
+        map.release((from as usize).saturating_sub(FAULT_AROUND)..to as usize);
         let n = to - from;
         crate::metrics::upstream_bytes(up.name(), n);
         crate::metrics::spliced_bytes(n);

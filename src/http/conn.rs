@@ -107,16 +107,19 @@ impl AsyncWrite for Conn {
         // Up to the first slice that a file holds; that slice alone when it comes first.
         let mut plain = bufs.len();
         for (i, b) in bufs.iter().enumerate() {
-            if b.len() < SENDFILE_MIN {
+            // Small slices of a stored blob are copied; a fill's temp file is never copied
+            // from (its pages would become resident here: see `cache::InFile::growing`).
+            let Some(at) = crate::cache::file_of(b) else {
+                continue;
+            };
+            if b.len() < SENDFILE_MIN && !at.growing {
                 continue;
             }
-            if let Some((file, offset)) = crate::cache::file_of(b) {
-                if i == 0 {
-                    return this.poll_sendfile(cx, b, &file, offset);
-                }
-                plain = i;
-                break;
+            if i == 0 {
+                return this.poll_sendfile(cx, b, &at.file, at.offset);
             }
+            plain = i;
+            break;
         }
         if plain == bufs.len() {
             return Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
