@@ -288,6 +288,9 @@ async fn mirrors_are_tried_in_order_when_the_main_url_fails() {
     assert_eq!(r.status(), 200);
     assert_eq!(main.count("GET", "/manifests/v1"), 1);
     assert_eq!(mirror.count("GET", "/manifests/v1"), 1);
+    // The blob's fill too asked the failing URL once (its own plain-HTTP GET), then the mirror.
+    assert_eq!(main.count("GET", "/blobs/"), 1);
+    assert_eq!(mirror.count("GET", "/blobs/"), 1);
     // Blob GETs ask for the bytes as they are: no compression on the way.
     let blob_get = mirror
         .requests()
@@ -301,6 +304,39 @@ async fn mirrors_are_tried_in_order_when_the_main_url_fails() {
     let r = get(&proxy.url("/v2/team/app/manifests/absent"), None).await;
     assert_eq!(r.status(), 404);
     assert!(mirror.requests().is_empty());
+}
+
+/// A blob fill whose main URL takes connections and drops them at once (no answer at all)
+/// tries it once, then the mirror: its own plain-HTTP request is not followed by a second try
+/// of the same URL through the usual client.
+#[tokio::test]
+async fn a_blob_fill_asks_a_main_url_that_does_not_answer_once_then_the_mirror() {
+    let dropping = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let main = format!("http://{}", dropping.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    // Ends with the test's runtime.
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = dropping.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let mirror = FakeRegistry::start().await;
+    let data = random_bytes(300_000, 11);
+    let digest = mirror.add_blob(data.clone());
+    let proxy = Proxy::start(&upstream(
+        "fake",
+        &main,
+        true,
+        &format!("mirrors = [\"{}\"]", mirror.url()),
+    ))
+    .await;
+    let r = proxy.get(&format!("/v2/team/app/blobs/{digest}")).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap() == data);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(mirror.count("GET", "/blobs/"), 1);
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ use super::tail::{Located, Tail};
 use super::temp::TempFile;
 use super::{InProgress, Store};
 use crate::oci::{Digest, Hasher, RepoName};
-use crate::upstream::{RawBody, Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
+use crate::upstream::{Blob, RawBody, Upstream, UpstreamError, UpstreamErrorKind, UpstreamRequest};
 
 /// The upstream a fill is for (its bytes come from there, or from shared storage when that
 /// has them; a follower whose fill lost its storage continues from there).
@@ -478,27 +478,17 @@ enum Body {
     Spliced(RawBody),
 }
 
-/// The blob's body from the upstream: its socket when the upstream serves it over plain
-/// HTTP (received with `splice`), else a stream through the upstream's client.
+/// Asks the upstream for the blob: its announced size and its body, the socket itself when
+/// the upstream serves it over plain HTTP (received with `splice`, see `spliced`).
 async fn upstream_body(fill: &Fill) -> Result<(Option<u64>, Body), FillError> {
-    let up = &fill.source.upstream;
-    if let Some(raw) = up.blob_body(&fill.source.repo, &fill.digest).await {
-        return Ok((Some(raw.len), Body::Spliced(raw)));
-    }
-    let (total, stream) = from_upstream(fill).await?;
-    Ok((total, Body::Stream(stream)))
-}
-
-/// Asks the upstream for the blob: its announced size and its body.
-async fn from_upstream(fill: &Fill) -> Result<(Option<u64>, ByteStream), FillError> {
     let up = &fill.source.upstream;
     let mut headers = HeaderMap::new();
     headers.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    let resp = up
-        .send(&UpstreamRequest {
+    let blob = up
+        .send_blob(&UpstreamRequest {
             method: Method::GET,
             repo: &fill.source.repo,
             path: format!("blobs/{}", fill.digest),
@@ -507,6 +497,10 @@ async fn from_upstream(fill: &Fill) -> Result<(Option<u64>, ByteStream), FillErr
             streaming: true,
         })
         .await?;
+    let resp = match blob {
+        Blob::Raw(raw) => return Ok((Some(raw.len), Body::Spliced(raw))),
+        Blob::Response(resp) => resp,
+    };
     if resp.status() != http::StatusCode::OK {
         return Err(up
             .error(UpstreamErrorKind::Status(resp.status().as_u16()))
@@ -520,7 +514,7 @@ async fn from_upstream(fill: &Fill) -> Result<(Option<u64>, ByteStream), FillErr
             FillError::from(up.error(UpstreamErrorKind::Truncated))
         })
     });
-    Ok((total, body.boxed()))
+    Ok((total, Body::Stream(body.boxed())))
 }
 
 /// Asks the digest's owner replica for the blob: it serves it from its store or from its own

@@ -31,6 +31,14 @@ pub struct UpstreamRequest<'a> {
     pub streaming: bool,
 }
 
+/// A blob's body as [`Upstream::send_blob`] got it.
+pub enum Blob {
+    /// A plain-HTTP `200`: the socket, for `splice`.
+    Raw(RawBody),
+    /// Any other `2xx`, through the HTTP client.
+    Response(reqwest::Response),
+}
+
 pub struct Upstream {
     name: Arc<str>,
     config: UpstreamConfig,
@@ -98,6 +106,15 @@ impl Upstream {
         &self,
         req: &UpstreamRequest<'_>,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_from(0, req).await
+    }
+
+    /// [`Upstream::send`] from endpoint `first` on (0: the URL, 1: the first mirror...).
+    async fn send_from(
+        &self,
+        first: usize,
+        req: &UpstreamRequest<'_>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         if self.offline {
             return Err(self.error(UpstreamErrorKind::Offline));
         }
@@ -109,7 +126,7 @@ impl Upstream {
         let endpoints = std::iter::once(&self.config.url).chain(&self.config.mirrors);
         let count = 1 + self.config.mirrors.len();
         let mut last = None;
-        for (i, base) in endpoints.enumerate() {
+        for (i, base) in endpoints.enumerate().skip(first) {
             let started = tokio::time::Instant::now();
             let result = self.send_to(base, req).await;
             self.record(&result, started.elapsed());
@@ -125,35 +142,63 @@ impl Upstream {
         Err(self.error(last.unwrap_or(UpstreamErrorKind::Unreachable("no endpoint"))))
     }
 
-    /// A blob's body from the upstream's own URL as a bare socket (see `raw`), when that URL
-    /// is plain HTTP and no proxy is configured in the environment (reqwest would use it).
-    /// `None` whenever that does not apply or the answer is anything but a plain `200`
-    /// (a challenge, a redirect, an error, a chunked body): the caller then sends the request
-    /// the usual way, which follows and classifies whatever the upstream answers.
-    pub async fn blob_body(&self, repo: &RepoName, digest: &crate::oci::Digest) -> Option<RawBody> {
+    /// `GET` of a blob's body (`req`): from a plain-HTTP URL (no proxy set in the
+    /// environment, which reqwest would use) on a connection of its own, whose socket is
+    /// handed over for `splice` when the answer is a plain `200` (see `raw`); anything else
+    /// (https, a challenge, a redirect, an error, a chunked body) is sent the usual way, which
+    /// follows or classifies it. An URL that is unavailable (no answer, or a 5xx) is not asked
+    /// twice: the mirrors come next, as with [`Upstream::send`], or that is the error.
+    pub async fn send_blob(&self, req: &UpstreamRequest<'_>) -> Result<Blob, UpstreamError> {
+        match self.raw_blob(req).await {
+            Ok(Some(body)) => Ok(Blob::Raw(body)),
+            Ok(None) => self.send(req).await.map(Blob::Response),
+            Err(kind) if self.config.mirrors.is_empty() => Err(self.error(kind)),
+            Err(kind) => {
+                tracing::warn!(upstream = %self.name, endpoint = 0, error = %kind, "upstream endpoint unavailable, trying the next mirror");
+                self.send_from(1, req).await.map(Blob::Response)
+            }
+        }
+    }
+
+    /// The raw exchange of [`Upstream::send_blob`] with the upstream's URL: `Ok(None)` when it
+    /// does not apply or the answer is not a plain `200`, `Err` when the URL is unavailable.
+    async fn raw_blob(
+        &self,
+        req: &UpstreamRequest<'_>,
+    ) -> Result<Option<RawBody>, UpstreamErrorKind> {
         const PROXY_VARS: [&str; 4] = ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"];
         let base = &self.config.url;
         if self.offline
+            || req.method != Method::GET
             || base.scheme() != "http"
-            || !self.config.admits(repo.as_str())
+            || !self.config.admits(req.repo.as_str())
             || PROXY_VARS.iter().any(|v| std::env::var_os(v).is_some())
         {
-            return None;
+            return Ok(None);
         }
-        let url = format!(
-            "{}/v2/{repo}/blobs/{digest}",
-            base.as_str().trim_end_matches('/')
+        let mut url = format!(
+            "{}/v2/{}/{}",
+            base.as_str().trim_end_matches('/'),
+            req.repo,
+            req.path
         );
-        let url = Url::parse(&url).ok()?;
+        if let Some(q) = &req.query {
+            url.push('?');
+            url.push_str(q);
+        }
+        let Ok(url) = Url::parse(&url) else {
+            return Ok(None);
+        };
         let origin = url.origin().ascii_serialization();
-        let scope = format!("repository:{repo}:pull");
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
-        if let Some(a) = self.authorization(base, &origin, &scope).await.ok()? {
-            headers.insert(header::AUTHORIZATION, a);
+        let scope = format!("repository:{}:pull", req.repo);
+        let mut headers = req.headers.clone();
+        match self.authorization(base, &origin, &scope).await {
+            Ok(Some(a)) => {
+                headers.insert(header::AUTHORIZATION, a);
+            }
+            Ok(None) => {}
+            // The usual path meets the same trouble and says so.
+            Err(_) => return Ok(None),
         }
         let started = tokio::time::Instant::now();
         let answer = raw::get(
@@ -164,16 +209,29 @@ impl Upstream {
         )
         .await;
         let took = started.elapsed();
-        // A failure is not counted here: the usual request that follows meets the same.
-        let answer = answer.ok()?;
-        let status = Some(answer.status.as_u16());
-        metrics::upstream_request(&self.name, status, took);
-        self.stats.exchange(status, took, None);
+        let answer = match answer {
+            Ok(a) => a,
+            Err(kind) if kind.is_unavailable() => {
+                self.record(&Err(kind.clone()), took);
+                return Err(kind);
+            }
+            // A garbled head: the usual path gets its own answer and judges it.
+            Err(_) => return Ok(None),
+        };
         if let Some(remaining) = ratelimit_remaining(&answer.headers) {
             metrics::ratelimit_remaining(&self.name, remaining);
             self.stats.ratelimit(remaining);
         }
-        answer.body
+        let status = answer.status.as_u16();
+        // A server error says the URL is unavailable as a refused connection does.
+        let unavailable = UpstreamErrorKind::Status(status);
+        if answer.body.is_none() && unavailable.is_unavailable() {
+            self.record(&Err(unavailable.clone()), took);
+            return Err(unavailable);
+        }
+        metrics::upstream_request(&self.name, Some(status), took);
+        self.stats.exchange(Some(status), took, None);
+        Ok(answer.body)
     }
 
     /// Metrics for one exchange with an endpoint.

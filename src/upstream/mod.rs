@@ -12,7 +12,7 @@ use crate::config::UpstreamConfig;
 use crate::error::ApiError;
 use crate::oci::RepoName;
 
-pub use client::{Upstream, UpstreamRequest};
+pub use client::{Blob, Upstream, UpstreamRequest};
 pub use raw::RawBody;
 
 /// Why an upstream request failed. `Display` names the upstream by its configured name and
