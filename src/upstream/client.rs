@@ -176,17 +176,7 @@ impl Upstream {
         {
             return Ok(None);
         }
-        let mut url = format!(
-            "{}/v2/{}/{}",
-            base.as_str().trim_end_matches('/'),
-            req.repo,
-            req.path
-        );
-        if let Some(q) = &req.query {
-            url.push('?');
-            url.push_str(q);
-        }
-        let Ok(url) = Url::parse(&url) else {
+        let Ok(url) = request_url(base, req) else {
             return Ok(None);
         };
         let origin = url.origin().ascii_serialization();
@@ -272,17 +262,7 @@ impl Upstream {
         base: &Url,
         req: &UpstreamRequest<'_>,
     ) -> Result<reqwest::Response, UpstreamErrorKind> {
-        let mut url = format!(
-            "{}/v2/{}/{}",
-            base.as_str().trim_end_matches('/'),
-            req.repo,
-            req.path
-        );
-        if let Some(q) = &req.query {
-            url.push('?');
-            url.push_str(q);
-        }
-        let url = Url::parse(&url).map_err(|_| UpstreamErrorKind::Protocol("bad URL"))?;
+        let url = request_url(base, req)?;
         let origin = url.origin().ascii_serialization();
         let scope = format!("repository:{}:pull", req.repo);
         let mut retried = false;
@@ -484,6 +464,21 @@ impl Upstream {
 }
 
 /// `RateLimit-Remaining: 76;w=21600` (Docker Hub) → 76.
+/// `req`'s URL on endpoint `base`: `<base>/v2/<repo>/<path>[?<query>]`.
+fn request_url(base: &Url, req: &UpstreamRequest<'_>) -> Result<Url, UpstreamErrorKind> {
+    let mut url = format!(
+        "{}/v2/{}/{}",
+        base.as_str().trim_end_matches('/'),
+        req.repo,
+        req.path
+    );
+    if let Some(q) = &req.query {
+        url.push('?');
+        url.push_str(q);
+    }
+    Url::parse(&url).map_err(|_| UpstreamErrorKind::Protocol("bad URL"))
+}
+
 fn ratelimit_remaining(headers: &HeaderMap) -> Option<f64> {
     let v = headers.get("ratelimit-remaining")?.to_str().ok()?;
     v.split(';').next()?.trim().parse().ok()
