@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::fake_registry::FakeRegistry;
+use common::fake_registry::{BlobBehavior, FakeRegistry};
 use common::{random_bytes, upstream};
 
 #[tokio::test]
@@ -18,6 +18,16 @@ async fn a_disk_failing_mid_fill_still_serves_the_whole_blob_from_upstream() {
     let up = FakeRegistry::start().await;
     let data = random_bytes(6 << 20, 7);
     let digest = up.add_blob(data.clone());
+    // Paced (64 KiB every 5 ms, ~80 ms to the 1 MiB limit) so the client has received bytes
+    // when the disk gives out: a fill spliced at full speed reached the limit before the
+    // client's first read, and its transfer then started over from upstream without a Range.
+    up.set_blob_behavior(
+        &digest,
+        BlobBehavior::Slow {
+            chunk: 64 << 10,
+            delay: Duration::from_millis(5),
+        },
+    );
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
     let cfg = dir.path().join("e.toml");
